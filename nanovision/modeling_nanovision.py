@@ -1,0 +1,456 @@
+"""nanovision: a nanochat-style GPT (rotary, GQA, QK-norm, SwiGLU or relu², RMSNorm, logit softcap) and a
+SigLIP vision tower joined by a connector, as transformers models.
+
+This file is shipped as Hub remote code: it imports only transformers, torch and its own configuration.
+nanovision's fused kernels are an optional import; without them every op runs in plain PyTorch.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_nanovision import NanoVisionTextConfig
+
+try:  # nanovision installed: its Triton kernels can replace the eager ops (config.use_fused_kernels)
+    from nanovision.kernels import apply_fused_kernels
+except ImportError:  # remote code without nanovision: eager path only
+    apply_fused_kernels = None
+
+logger = logging.get_logger(__name__)
+
+
+class NanoVisionRMSNorm(nn.Module):
+    """RMSNorm with learnable weights (Llama) or none (nanochat).
+
+    `forward(x, residual)` also adds the residual first and returns the sum, so the fused kernel can do
+    both in one pass over memory.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            hidden_states = hidden_states + residual
+        input_dtype = hidden_states.dtype
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = x.to(input_dtype)
+        if self.weight is not None:
+            normed = normed * self.weight
+        return normed if residual is None else (normed, hidden_states)
+
+    def extra_repr(self):
+        return f"eps={self.eps}, weight={self.weight is not None}"
+
+
+class NanoVisionRotaryEmbedding(nn.Module):
+    """cos/sin tables for `position_ids`; any transformers rope type through `config.rope_parameters`."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: NanoVisionTextConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: NanoVisionTextConfig, device=None, seq_len=None):
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by the angles in cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class NanoVisionZeroInitLinear(nn.Linear):
+    """A projection that writes into the residual stream (or the logits): nanochat initialises it to zero so every
+    block starts as the identity and the first logits are uniform."""
+
+
+class NanoVisionTextMLP(nn.Module):
+    def __init__(self, config: NanoVisionTextConfig):
+        super().__init__()
+        self.mlp_type = config.mlp_type
+        if self.mlp_type == "swiglu":
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = NanoVisionZeroInitLinear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        if self.mlp_type == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hk, T, D] -> [B, Hk * n_rep, T, D], for the eager path only."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_kv_heads, seq_len, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, num_kv_heads, n_rep, seq_len, head_dim)
+    return hidden_states.reshape(batch, num_kv_heads * n_rep, seq_len, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class NanoVisionTextAttention(nn.Module):
+    """Causal self-attention with GQA, optional QK-norm, rotary embedding; the backend comes from
+    `config._attn_implementation` through transformers' attention interface."""
+
+    def __init__(self, config: NanoVisionTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = NanoVisionZeroInitLinear(q_width, config.hidden_size, bias=False)
+        if config.qk_norm != "none":
+            learnable = config.qk_norm == "learnable"
+            self.q_norm = NanoVisionRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=learnable)
+            self.k_norm = NanoVisionRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=learnable)
+        # A plain function attribute so nanovision.kernels can swap in the fused rotary kernel per instance.
+        self.rotary_fn = apply_rotary_pos_emb
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.config.qk_norm != "none":
+            query_states = self.q_norm(query_states)
+            key_states = self.k_norm(key_states)
+        cos, sin = position_embeddings
+        query_states, key_states = self.rotary_fn(query_states.transpose(1, 2), key_states.transpose(1, 2), cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class NanoVisionDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: NanoVisionTextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = NanoVisionTextAttention(config, layer_idx)
+        self.mlp = NanoVisionTextMLP(config)
+        self.input_layernorm = NanoVisionRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
+        self.post_attention_layernorm = NanoVisionRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        attn_output, _ = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        # residual + attention, then norm: one op so the fused kernel reads the stream once
+        hidden_states, residual = self.post_attention_layernorm(attn_output, residual)
+        return residual + self.mlp(hidden_states)
+
+
+class NanoVisionPreTrainedModel(PreTrainedModel):
+    config: NanoVisionTextConfig
+    config_class = NanoVisionTextConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["NanoVisionDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": NanoVisionDecoderLayer,
+        "attentions": NanoVisionTextAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """nanochat's init: fan-in scaled normal projections, zero output projections (each block starts as the
+        identity), unit-variance embeddings that the embedding norm rescales, zero untied output head."""
+        config = self.config.get_text_config()
+        if isinstance(module, NanoVisionZeroInitLinear):
+            init.zeros_(module.weight)
+        elif isinstance(module, nn.Linear):
+            fan_out, fan_in = module.weight.shape
+            init.normal_(module.weight, mean=0.0, std=min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            unit_variance = config.embedding_norm and not config.tie_word_embeddings
+            init.normal_(module.weight, mean=0.0, std=1.0 if unit_variance else config.initializer_range)
+        else:  # norms, rotary tables
+            super()._init_weights(module)
+
+
+class NanoVisionTextModel(NanoVisionPreTrainedModel):
+    def __init__(self, config: NanoVisionTextConfig):
+        super().__init__(config)
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.embedding_norm:
+            self.embedding_norm = NanoVisionRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
+        self.layers = nn.ModuleList(
+            [NanoVisionDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = NanoVisionRMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
+        self.rotary_emb = NanoVisionRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        # A cache created by this call holds no past, so the mask must not depend on it: transformers detects packed
+        # rows (position_ids restarting at 0, no attention_mask) only when no cache is given.
+        past_for_mask = past_key_values
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        # Packed rows get a block-diagonal causal mask here, or cu_seqlens inside the flash-attention integration.
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_for_mask,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        if self.config.embedding_norm:
+            hidden_states = self.embedding_norm(hidden_states)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Target of position t is the token at t + 1; the last position has none."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def make_lm_head(config: NanoVisionTextConfig) -> nn.Linear:
+    # A tied head shares the embedding, which must not be zeroed.
+    linear = nn.Linear if config.tie_word_embeddings else NanoVisionZeroInitLinear
+    return linear(config.hidden_size, config.vocab_size, bias=False)
+
+
+def maybe_apply_fused_kernels(model: nn.Module, config: NanoVisionTextConfig) -> None:
+    ops = config.fused_kernel_ops
+    if not ops:
+        return
+    if apply_fused_kernels is None:
+        logger.warning_once("use_fused_kernels is set but nanovision is not installed: running the eager ops.")
+        return
+    apply_fused_kernels(model, ops=ops)
+
+
+class NanoVisionForCausalLM(NanoVisionPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: NanoVisionTextConfig):
+        super().__init__(config)
+        self.model = NanoVisionTextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = make_lm_head(config)
+        # Set by nanovision.kernels to the fused linear + cross-entropy op: training then never builds the logits.
+        self.linear_cross_entropy = None
+        self.post_init()
+        maybe_apply_fused_kernels(self, config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        loss, logits = causal_lm_loss_and_logits(self, outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def causal_lm_loss_and_logits(model, hidden_states, labels, logits_to_keep, **kwargs):
+    """Head + loss shared by the text and vision-language models.
+
+    Training with the fused linear cross-entropy returns no logits: they are never built."""
+    config = model.config.get_text_config()
+    cap = config.final_logit_softcapping
+    if labels is not None and model.training and model.linear_cross_entropy is not None:
+        targets = kwargs.get("shift_labels")
+        if targets is None:
+            targets = shifted_labels(labels)
+        loss = model.linear_cross_entropy(
+            hidden_states.reshape(-1, hidden_states.shape[-1]),
+            model.lm_head.weight,
+            targets.reshape(-1).to(hidden_states.device),
+            ignore_index=-100,
+            reduction="mean",
+            softcap=cap,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+        )
+        return loss, None
+    slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = softcap_logits(model.lm_head(hidden_states[:, slice_indices, :]), cap)
+    loss = None
+    if labels is not None:
+        loss = model.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+    return loss, logits
+
+
+__all__ = ["NanoVisionPreTrainedModel", "NanoVisionTextModel", "NanoVisionForCausalLM"]

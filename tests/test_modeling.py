@@ -1,0 +1,244 @@
+import json
+
+import pytest
+import torch
+from conftest import randomize, run_without_nanovision, tiny_text_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import nanovision
+from nanovision import NanoVisionForCausalLM, NanoVisionTextConfig, NanoVisionTextModel
+
+BLOCKS = {
+    "llama": dict(),
+    "nanochat": dict(mlp_type="relu2", norm_weights=False, embedding_norm=True, qk_norm="parameter_free",
+                     final_logit_softcapping=15.0, num_key_value_heads=4),
+    "qwen": dict(qk_norm="learnable", attention_bias=True, tie_word_embeddings=True),
+    "mqa": dict(num_key_value_heads=1, head_dim=32),
+}
+
+
+def build(block="llama", attn="eager", seed=0, **overrides):
+    config = tiny_text_config(**{**BLOCKS[block], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return randomize(model, seed=seed).eval()
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=65), "hidden_size"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(mlp_type="gelu"), "mlp_type"),
+        (dict(qk_norm="l2"), "qk_norm"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
+        (dict(intermediate_size=2.5), "intermediate_size"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
+        (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
+        (dict(use_fused_kernels=["rmsnorm"]), "use_fused_kernels"),
+    ],
+)
+def test_invalid_text_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_text_config(**overrides)
+
+
+def test_config_round_trip_and_auto_config(tmp_path):
+    config = tiny_text_config(**BLOCKS["nanochat"])
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, NanoVisionTextConfig)
+    for key in ("mlp_type", "qk_norm", "norm_weights", "embedding_norm", "final_logit_softcapping", "head_dim"):
+        assert getattr(loaded, key) == getattr(config, key)
+    assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_presets_follow_nanochat_depth_scaling():
+    d20 = nanovision.presets.text_config(depth=20)
+    assert (d20.hidden_size, d20.num_hidden_layers, d20.num_attention_heads, d20.num_key_value_heads) == (1280, 20, 10, 5)
+    assert (d20.head_dim, d20.intermediate_size, d20.mlp_type, d20.tie_word_embeddings) == (128, 3456, "swiglu", False)
+    original = nanovision.presets.nanochat_config(depth=12)
+    assert (original.hidden_size, original.num_key_value_heads, original.num_attention_heads) == (768, 6, 6)
+    assert (original.mlp_type, original.qk_norm, original.final_logit_softcapping) == ("relu2", "parameter_free", 15.0)
+    assert original.norm_weights is False and original.embedding_norm is True
+    odd = nanovision.presets.text_config(depth=6, head_dim=64)  # 6 heads -> 3 kv heads
+    assert odd.num_attention_heads % odd.num_key_value_heads == 0
+
+
+def test_nanochat_init_zeroes_output_projections():
+    model = AutoModelForCausalLM.from_config(tiny_text_config(embedding_norm=True))
+    layer = model.model.layers[0]
+    assert layer.self_attn.o_proj.weight.abs().sum() == 0 and layer.mlp.down_proj.weight.abs().sum() == 0
+    assert model.lm_head.weight.abs().sum() == 0
+    assert layer.self_attn.q_proj.weight.std() > 0
+    assert abs(model.model.embed_tokens.weight.std().item() - 1.0) < 0.1
+    tied = AutoModelForCausalLM.from_config(tiny_text_config(tie_word_embeddings=True))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.std() > 0
+
+
+# ---------------------------------------------------------------- attention backends, packing, cache
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_backends_agree_with_eager(block, attn):
+    ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding exercises the padding mask
+    model = build(block)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation(attn)
+        assert model.config._attn_implementation == attn
+        actual = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_packed_row_equals_documents_run_alone(attn):
+    model = build("nanochat", attn=attn)
+    gen = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 96, (n,), generator=gen) for n in (5, 9, 3)]
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed_logits = model(packed, position_ids=position_ids).logits[0]
+        alone = torch.cat([model(d[None]).logits[0] for d in docs])
+    torch.testing.assert_close(packed_logits, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_loss_and_grads_equal_unpacked():
+    model = build("llama", attn="sdpa").train()
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 96, (n,), generator=gen) for n in (6, 10)]
+    packed = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = packed.clone()
+    labels[0, len(docs[0])] = -100  # the first token of a document is never predicted from the previous one
+    model(packed, position_ids=position_ids, labels=labels).loss.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = sum(len(d) - 1 for d in docs)
+    for doc in docs:
+        out = model(doc[None], labels=doc[None], num_items_in_batch=torch.tensor(total))
+        out.loss.backward()
+    for packed_grad, param in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, param.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block", ["llama", "nanochat"])
+def test_generate_with_cache_equals_without(block):
+    model = build(block, attn="sdpa")
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=None)
+    cached = model.generate(prompt, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    static = model.generate(prompt, cache_implementation="static", **kwargs)
+    assert cached.shape == (1, 18)
+    assert torch.equal(cached, uncached) and torch.equal(cached, static)
+
+
+def test_batched_left_padded_generate_equals_single():
+    model = build("llama", attn="sdpa")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 96, (n,), generator=gen) for n in (7, 4)]
+    batch = torch.full((2, 7), 2)
+    mask = torch.zeros((2, 7), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 7 - len(prompt):] = prompt
+        mask[row, 7 - len(prompt):] = 1
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=2, eos_token_id=None)
+    batched = model.generate(batch, attention_mask=mask, **kwargs)[:, 7:]
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batched[row], model.generate(prompt[None], **kwargs)[0, len(prompt):])
+
+
+# ---------------------------------------------------------------- training features
+
+
+def test_gradient_checkpointing_gives_same_grads():
+    model = build("nanochat", attn="sdpa").train()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.layers[0].gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for expected, param in zip(reference, model.parameters()):
+        torch.testing.assert_close(param.grad, expected)
+
+
+def test_loss_uses_num_items_in_batch_and_logits_to_keep():
+    model = build("nanochat")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(7))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits.float()
+    targets = labels[:, 1:].reshape(-1)
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), targets, ignore_index=-100,
+                                                  reduction="none")
+    torch.testing.assert_close(out.loss, per_token.sum() / (targets != -100).sum())
+    summed = model(ids, labels=labels, num_items_in_batch=torch.tensor(100)).loss
+    torch.testing.assert_close(summed, per_token.sum() / 100)
+    assert logits.abs().max() <= 15.0  # softcap
+    last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 96)
+    torch.testing.assert_close(last[:, 0], out.logits[:, -1])
+
+
+def test_torch_compile_forward_runs():
+    model = build("llama", attn="sdpa")
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = model(ids).logits
+        compiled = torch.compile(model)
+        torch.testing.assert_close(compiled(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- saving and remote code
+
+
+def test_save_load_round_trip_safetensors(tmp_path):
+    model = build("qwen")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "modeling_nanovision.py").exists() and (tmp_path / "configuration_nanovision.py").exists()
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"].endswith("NanoVisionTextModel")
+    assert auto_map["AutoModelForCausalLM"].endswith("NanoVisionForCausalLM")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, NanoVisionForCausalLM)
+    ids = torch.randint(0, 96, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, NanoVisionTextModel)
+
+
+def test_remote_code_loads_without_nanovision(tmp_path, no_nanovision_env):
+    model = build("nanochat")
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None)
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoModel
+model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+out = model.generate(torch.tensor({ids.tolist()}), max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None)
+print(out.tolist())
+base = AutoModel.from_pretrained({str(ckpt)!r}, trust_remote_code=True)
+print(type(base).__name__)
+"""
+    stdout = run_without_nanovision(code, no_nanovision_env, cwd=tmp_path).strip().splitlines()
+    assert stdout[-2] == str(expected.tolist())
+    assert stdout[-1] == "NanoVisionTextModel"
