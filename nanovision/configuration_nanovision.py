@@ -17,6 +17,11 @@ TEXT_AUTO_MAP = {
     "AutoModel": "modeling_nanovision.NanoVisionTextModel",
     "AutoModelForCausalLM": "modeling_nanovision.NanoVisionForCausalLM",
 }
+VLM_AUTO_MAP = {
+    "AutoConfig": "configuration_nanovision.NanoVisionConfig",
+    "AutoModel": "modeling_nanovision.NanoVisionModel",
+    "AutoModelForImageTextToText": "modeling_nanovision.NanoVisionForConditionalGeneration",
+}
 
 
 def _require_positive(config, *names):
@@ -231,6 +236,8 @@ class NanoVisionConfig(PretrainedConfig):
             vision_config = SiglipVisionConfig()
         elif isinstance(vision_config, dict):
             vision_config = SiglipVisionConfig(**vision_config)
+        if not hasattr(vision_config, "vision_use_head"):
+            vision_config.vision_use_head = False  # the connector reads the patches; SigLIP's pooling head is unused
         self.text_config = text_config
         self.vision_config = vision_config
         self.connector_type = connector_type
@@ -242,6 +249,7 @@ class NanoVisionConfig(PretrainedConfig):
         self.vision_feature_layer = vision_feature_layer
         self.tie_word_embeddings = text_config.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
         self._validate_connector()
+        kwargs.setdefault("auto_map", dict(VLM_AUTO_MAP))
         super().__init__(**kwargs)
 
     def _validate_connector(self):

@@ -7,16 +7,18 @@ nanovision's fused kernels are an optional import; without them every op runs in
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
@@ -24,7 +26,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_nanovision import NanoVisionTextConfig
+from .configuration_nanovision import NanoVisionConfig, NanoVisionTextConfig
 
 try:  # nanovision installed: its Triton kernels can replace the eager ops (config.use_fused_kernels)
     from nanovision.kernels import apply_fused_kernels
@@ -453,4 +455,294 @@ def causal_lm_loss_and_logits(model, hidden_states, labels, logits_to_keep, **kw
     return loss, logits
 
 
-__all__ = ["NanoVisionPreTrainedModel", "NanoVisionTextModel", "NanoVisionForCausalLM"]
+# ---------------------------------------------------------------------------- vision-language model
+
+
+class NanoVisionPixelShuffleConnector(nn.Module):
+    """Space-to-depth by r (each r x r block of patches becomes one token r² times wider), then an MLP into the
+    language model's width: (image_size / patch_size)² / r² tokens per image."""
+
+    def __init__(self, config: NanoVisionConfig):
+        super().__init__()
+        self.factor = config.pixel_shuffle_factor
+        vision_width = config.vision_config.hidden_size * self.factor**2
+        text_width = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_width, text_width)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(text_width, text_width)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        num_images, num_patches, width = patches.shape
+        side, r = math.isqrt(num_patches), self.factor
+        grid = patches.reshape(num_images, side // r, r, side // r, r, width)
+        tokens = grid.permute(0, 1, 3, 2, 4, 5).reshape(num_images, (side // r) ** 2, r * r * width)
+        return self.linear_2(self.act(self.linear_1(tokens)))
+
+
+class NanoVisionPerceiverLayer(nn.Module):
+    """Learned queries cross-attend to [patches; queries], then an MLP; pre-norm residual blocks."""
+
+    def __init__(self, width: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_queries = nn.LayerNorm(width, eps=eps)
+        self.norm_context = nn.LayerNorm(width, eps=eps)
+        self.q_proj = nn.Linear(width, width)
+        self.kv_proj = nn.Linear(width, 2 * width)
+        self.o_proj = nn.Linear(width, width)
+        self.norm_mlp = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        batch, num_queries, width = queries.shape
+        normed_queries = self.norm_queries(queries)
+        context = torch.cat([self.norm_context(patches), normed_queries], dim=1)
+        heads = lambda x: x.reshape(batch, x.shape[1], self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        keys, values = self.kv_proj(context).chunk(2, dim=-1)
+        attended = F.scaled_dot_product_attention(heads(self.q_proj(normed_queries)), heads(keys), heads(values))
+        queries = queries + self.o_proj(attended.transpose(1, 2).reshape(batch, num_queries, width))
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class NanoVisionPerceiverConnector(nn.Module):
+    """A fixed number of learned queries resample any number of patches, then an MLP into the LM's width."""
+
+    def __init__(self, config: NanoVisionConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        eps = config.vision_config.layer_norm_eps
+        self.queries = nn.Parameter(torch.zeros(config.perceiver_num_queries, width))
+        self.layers = nn.ModuleList(
+            [NanoVisionPerceiverLayer(width, config.perceiver_num_heads, eps) for _ in range(config.perceiver_num_layers)]
+        )
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.linear_1 = nn.Linear(width, config.text_config.hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        for layer in self.layers:
+            queries = layer(queries, patches)
+        return self.linear_2(self.act(self.linear_1(self.norm(queries))))
+
+
+CONNECTORS = {"pixel_shuffle": NanoVisionPixelShuffleConnector, "perceiver": NanoVisionPerceiverConnector}
+
+
+@dataclass
+class NanoVisionModelOutputWithPast(BaseModelOutputWithPast):
+    """`image_hidden_states`: the connector's output, [num_images, num_image_tokens, hidden_size]."""
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class NanoVisionCausalLMOutputWithPast(CausalLMOutputWithPast):
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class NanoVisionMultimodalPreTrainedModel(NanoVisionPreTrainedModel):
+    config: NanoVisionConfig
+    config_class = NanoVisionConfig
+    input_modalities = ("image", "text")
+    _no_split_modules = ["NanoVisionDecoderLayer", "SiglipEncoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, NanoVisionPerceiverConnector):
+            init.normal_(module.queries, mean=0.0, std=module.queries.shape[-1] ** -0.5)
+        else:
+            super()._init_weights(module)
+
+
+class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
+    """SigLIP vision tower -> connector -> language model. Image embeddings replace the `<image>` placeholder
+    tokens wherever they stand in the text; returns the language model's hidden states."""
+
+    def __init__(self, config: NanoVisionConfig):
+        super().__init__(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = CONNECTORS[config.connector_type](config)
+        self.language_model = NanoVisionTextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Vision tower + connector. `pooler_output` holds the image embeddings the language model sees,
+        [num_images, num_image_tokens, text hidden_size]."""
+        expected = (3, self.config.vision_config.image_size, self.config.vision_config.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}], got "
+                f"{list(pixel_values.shape)}; preprocess images with NanoVisionImageProcessor."
+            )
+        layer = self.config.vision_feature_layer
+        vision_outputs = self.vision_tower(
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1, return_dict=True
+        )
+        patches = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+        vision_outputs.pooler_output = self.multi_modal_projector(patches)
+        return vision_outputs
+
+    def check_image_tokens(self, input_ids: torch.LongTensor, num_images: int) -> None:
+        if torch.compiler.is_compiling():
+            return
+        per_image = self.config.num_image_tokens
+        num_tokens = int((input_ids == self.config.image_token_id).sum())
+        if num_tokens == num_images * per_image:
+            return
+        if num_tokens % per_image == 0:
+            raise ValueError(
+                f"Got {num_images} images but {num_tokens // per_image} <image> placeholders in input_ids "
+                f"({num_tokens} image tokens, {per_image} per image): pass one image per placeholder."
+            )
+        raise ValueError(
+            f"input_ids hold {num_tokens} image tokens (id {self.config.image_token_id}), which does not match "
+            f"{num_images} images x {per_image} tokens per image; build inputs with NanoVisionProcessor."
+        )
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> NanoVisionModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to find the <image> placeholder positions.")
+            image_features = self.get_image_features(pixel_values).pooler_output
+            self.check_image_tokens(input_ids, image_features.shape[0])
+            image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                image_mask.to(inputs_embeds.device), image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            )
+        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
+            self.check_image_tokens(input_ids, 0)
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return NanoVisionModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: NanoVisionConfig):
+        super().__init__(config)
+        self.model = NanoVisionModel(config)
+        self.lm_head = make_lm_head(config.text_config)
+        self.linear_cross_entropy = None  # see NanoVisionForCausalLM
+        self.post_init()
+        maybe_apply_fused_kernels(self, config.text_config)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @property
+    def trainable_parts(self) -> dict[str, list[nn.Module]]:
+        """The three groups training stages freeze or give their own learning rate."""
+        return {
+            "vision_tower": [self.model.vision_tower],
+            "connector": [self.model.multi_modal_projector],
+            "language_model": [self.model.language_model, self.lm_head],
+        }
+
+    def set_trainable(self, vision_tower: bool | None = None, connector: bool | None = None,
+                      language_model: bool | None = None) -> "NanoVisionForConditionalGeneration":
+        """Freeze (False) or unfreeze (True) each part; None leaves it as it is."""
+        wanted = {"vision_tower": vision_tower, "connector": connector, "language_model": language_model}
+        for part, modules in self.trainable_parts.items():
+            if wanted[part] is not None:
+                for module in modules:
+                    module.requires_grad_(wanted[part])
+        return self
+
+    @classmethod
+    def from_pretrained_components(cls, text: str, vision: str, **config_kwargs) -> "NanoVisionForConditionalGeneration":
+        """Assemble a VLM from a nanovision text checkpoint and a SigLIP checkpoint (a SiglipModel or
+        SiglipVisionModel folder or Hub id); the connector starts freshly initialised."""
+        language = NanoVisionForCausalLM.from_pretrained(text)
+        vision_config = SiglipVisionConfig.from_pretrained(vision)
+        vision_config.vision_use_head = False
+        tower = SiglipVisionModel.from_pretrained(vision, config=vision_config)
+        config = NanoVisionConfig(text_config=language.config, vision_config=tower.config, **config_kwargs)
+        model = cls(config)
+        model.model.language_model.load_state_dict(language.model.state_dict())
+        model.lm_head.load_state_dict(language.lm_head.state_dict())
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+        return model
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> NanoVisionCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        loss, logits = causal_lm_loss_and_logits(self, outputs.last_hidden_state, labels, logits_to_keep, **kwargs)
+        return NanoVisionCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = [
+    "NanoVisionPreTrainedModel",
+    "NanoVisionTextModel",
+    "NanoVisionForCausalLM",
+    "NanoVisionModel",
+    "NanoVisionForConditionalGeneration",
+]

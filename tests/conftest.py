@@ -59,3 +59,16 @@ def run_without_nanovision(code, env, cwd):
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2)
+
+
+def tiny_vlm_config(text=None, **overrides):
+    from nanovision import NanoVisionConfig
+
+    settings = dict(text_config=text or tiny_text_config(), vision_config=dict(TINY_VISION),
+                    perceiver_num_queries=4, perceiver_num_heads=2, image_token_id=6)
+    settings.update(overrides)
+    return NanoVisionConfig(**settings)

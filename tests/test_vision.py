@@ -1,0 +1,182 @@
+import json
+
+import pytest
+import torch
+from conftest import TINY_VISION, randomize, run_without_nanovision, tiny_text_config, tiny_vlm_config
+from transformers import AutoModel, AutoModelForImageTextToText, SiglipVisionConfig, SiglipVisionModel
+
+from nanovision import NanoVisionConfig, NanoVisionForCausalLM, NanoVisionForConditionalGeneration, NanoVisionModel
+
+IMAGE = 6  # <image> placeholder id
+PER_IMAGE = 4  # 32px images, 8px patches -> 16 patches -> pixel shuffle r=2 -> 4 tokens (perceiver: 4 queries)
+
+
+def build(connector="pixel_shuffle", attn="sdpa", seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(tiny_vlm_config(connector_type=connector), attn_implementation=attn)
+    return randomize(model, seed=seed).eval()
+
+
+def sample(texts_before_images, seed=0):
+    """A row of random text tokens with PER_IMAGE placeholder tokens after each given text length."""
+    gen = torch.Generator().manual_seed(seed)
+    row = [0]
+    for length in texts_before_images:
+        row += torch.randint(10, 96, (length,), generator=gen).tolist() + [IMAGE] * PER_IMAGE
+    return row + torch.randint(10, 96, (3,), generator=gen).tolist()
+
+
+def pixels(n, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_validation_and_token_count():
+    assert tiny_vlm_config().num_image_tokens == PER_IMAGE
+    assert tiny_vlm_config(connector_type="perceiver").num_image_tokens == PER_IMAGE
+    assert tiny_vlm_config(pixel_shuffle_factor=1).num_image_tokens == 16
+    with pytest.raises(ValueError, match="connector_type"):
+        tiny_vlm_config(connector_type="qformer")
+    with pytest.raises(ValueError, match="pixel_shuffle_factor"):
+        tiny_vlm_config(pixel_shuffle_factor=3)
+    with pytest.raises(ValueError, match="perceiver_num_heads"):
+        tiny_vlm_config(connector_type="perceiver", perceiver_num_heads=5)
+    with pytest.raises(ValueError, match="image_token_id"):
+        tiny_vlm_config(image_token_id=500)
+    config = tiny_vlm_config()
+    assert isinstance(config.vision_config, SiglipVisionConfig) and config.vision_config.vision_use_head is False
+    again = NanoVisionConfig.from_dict(config.to_dict())
+    assert again.text_config.hidden_size == 64 and again.vision_config.image_size == 32
+
+
+@pytest.mark.parametrize("connector", ["pixel_shuffle", "perceiver"])
+def test_forward_backward_with_0_1_3_images(connector):
+    model = build(connector).train()
+    rows = [sample([], seed=1), sample([2], seed=2), sample([1, 4, 2], seed=3)]
+    width = max(map(len, rows))
+    ids = torch.full((3, width), 2)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == IMAGE, -100)
+    out = model(ids, attention_mask=mask, pixel_values=pixels(4), labels=labels)
+    assert out.image_hidden_states.shape == (4, PER_IMAGE, 64)
+    out.loss.backward()
+    connector_grads = [p.grad for p in model.model.multi_modal_projector.parameters()]
+    tower_grads = [p.grad for p in model.model.vision_tower.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in connector_grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in tower_grads)
+    text_only = model(ids[:1], attention_mask=mask[:1], labels=labels[:1])
+    assert text_only.image_hidden_states is None and torch.isfinite(text_only.loss)
+
+
+def test_image_embeddings_land_on_their_placeholders():
+    model = build()
+    ids = torch.tensor([sample([3, 2], seed=4)])
+    first, second = pixels(2, seed=5)
+    with torch.no_grad():
+        base = model(ids, pixel_values=torch.stack([first, second])).logits[0]
+        changed = model(ids, pixel_values=torch.stack([first, second + 1.0])).logits[0]
+    second_start = (ids[0] == IMAGE).nonzero()[PER_IMAGE].item()
+    differs = (base - changed).abs().amax(-1) > 1e-5
+    assert not differs[:second_start].any()  # nothing before the second image sees it (causal)
+    assert differs[second_start:].all()
+    with torch.no_grad():
+        features = model.get_image_features(torch.stack([first, second])).pooler_output
+        embeds = model.model.get_input_embeddings()(ids)
+        embeds[ids == IMAGE] = features.reshape(-1, 64)
+        manual = model(inputs_embeds=embeds).logits[0]
+    torch.testing.assert_close(manual, base, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_with_images_batched_left_padding_equals_single():
+    model = build()
+    rows = [sample([2], seed=6), sample([5, 1], seed=7)]
+    images = [pixels(1, seed=8), pixels(2, seed=9)]
+    width = max(map(len, rows))
+    ids = torch.full((2, width), 2)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=None)
+    batched = model.generate(ids, attention_mask=mask, pixel_values=torch.cat(images), **kwargs)[:, width:]
+    for i, row in enumerate(rows):
+        single = model.generate(torch.tensor([row]), pixel_values=images[i], **kwargs)[0, len(row):]
+        uncached = model.generate(torch.tensor([row]), pixel_values=images[i], use_cache=False, **kwargs)[0, len(row):]
+        assert torch.equal(batched[i], single) and torch.equal(single, uncached)
+
+
+def test_model_errors_name_the_problem():
+    model = build()
+    ids = torch.tensor([sample([2, 2])])
+    with pytest.raises(ValueError, match=r"Got 3 images but 2 <image> placeholders"):
+        model(ids, pixel_values=pixels(3))
+    with pytest.raises(ValueError, match=r"9 image tokens"):
+        model(torch.tensor([sample([2, 2]) + [IMAGE]]), pixel_values=pixels(2))
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \[num_images, 3, 32, 32\]"):
+        model(ids, pixel_values=torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"pixel_values must have shape"):
+        model(ids, pixel_values=torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"Got 0 images but 2 <image> placeholders"):
+        model(ids)
+
+
+def test_freeze_helpers():
+    model = build()
+    model.set_trainable(vision_tower=False, language_model=False, connector=True)
+    trainable = {n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"multi_modal_projector"}
+    model.set_trainable(language_model=True)
+    assert model.lm_head.weight.requires_grad and not next(model.model.vision_tower.parameters()).requires_grad
+
+
+def test_save_load_and_auto_classes(tmp_path):
+    model = build("perceiver")
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_nanovision.NanoVisionModel"
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_nanovision.NanoVisionForConditionalGeneration"
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    ids, px = torch.tensor([sample([1])]), pixels(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixel_values=px).logits, model(ids, pixel_values=px).logits)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), NanoVisionModel)
+
+
+def test_from_pretrained_components(tmp_path):
+    torch.manual_seed(0)
+    text = randomize(NanoVisionForCausalLM(tiny_text_config()))
+    text.save_pretrained(tmp_path / "text")
+    tower = randomize(SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)), seed=1)  # with its pooling head
+    tower.save_pretrained(tmp_path / "siglip")
+    vlm = NanoVisionForConditionalGeneration.from_pretrained_components(
+        text=str(tmp_path / "text"), vision=str(tmp_path / "siglip"), connector_type="perceiver",
+        perceiver_num_queries=4, perceiver_num_heads=2)
+    assert vlm.config.connector_type == "perceiver"
+    ids = torch.randint(10, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(vlm(ids).logits, text(ids).logits)
+        px = pixels(2)
+        expected = tower(px).last_hidden_state
+        torch.testing.assert_close(vlm.model.vision_tower(px).last_hidden_state, expected)
+
+
+def test_remote_code_vlm_without_nanovision(tmp_path, no_nanovision_env):
+    model = build()
+    model.save_pretrained(tmp_path / "ckpt")
+    row = sample([2])
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([row]), pixel_values=pixels(1), max_new_tokens=5, do_sample=False,
+                                  pad_token_id=2, eos_token_id=None)
+    code = f"""
+import torch
+from transformers import AutoModelForImageTextToText
+model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
+px = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+out = model.generate(torch.tensor([{row}]), pixel_values=px, max_new_tokens=5, do_sample=False, pad_token_id=2,
+                     eos_token_id=None)
+print(out.tolist())
+"""
+    assert run_without_nanovision(code, no_nanovision_env, cwd=tmp_path).strip().splitlines()[-1] == str(expected.tolist())
