@@ -4,7 +4,9 @@ Importing the package registers its configs, models and processors with transfor
 """
 
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+# transformers 5.16/5.17 export a torchvision-requiring placeholder as the top-level AutoImageProcessor
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from . import presets
 from .configuration_nanovision import NanoVisionConfig, NanoVisionTextConfig
@@ -14,6 +16,7 @@ from .modeling_nanovision import (
     NanoVisionModel,
     NanoVisionTextModel,
 )
+from .processing_nanovision import NanoVisionImageProcessor, NanoVisionProcessor
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,8 @@ AutoModel.register(NanoVisionTextConfig, NanoVisionTextModel)
 AutoModelForCausalLM.register(NanoVisionTextConfig, NanoVisionForCausalLM)
 AutoModel.register(NanoVisionConfig, NanoVisionModel)
 AutoModelForImageTextToText.register(NanoVisionConfig, NanoVisionForConditionalGeneration)
+AutoImageProcessor.register(NanoVisionConfig, slow_image_processor_class=NanoVisionImageProcessor)
+AutoProcessor.register(NanoVisionConfig, NanoVisionProcessor)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
     transformers.AutoModelForVision2Seq.register(NanoVisionConfig, NanoVisionForConditionalGeneration)
 # save_pretrained then writes the modeling files next to the weights: the folder loads with trust_remote_code=True
@@ -33,6 +38,8 @@ NanoVisionForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 NanoVisionConfig.register_for_auto_class()
 NanoVisionModel.register_for_auto_class("AutoModel")
 NanoVisionForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+NanoVisionImageProcessor.register_for_auto_class("AutoImageProcessor")
+NanoVisionProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "NanoVisionConfig",
@@ -41,5 +48,7 @@ __all__ = [
     "NanoVisionForCausalLM",
     "NanoVisionModel",
     "NanoVisionForConditionalGeneration",
+    "NanoVisionImageProcessor",
+    "NanoVisionProcessor",
     "presets",
 ]
