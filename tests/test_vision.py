@@ -180,3 +180,54 @@ out = model.generate(torch.tensor([{row}]), pixel_values=px, max_new_tokens=5, d
 print(out.tolist())
 """
     assert run_without_nanovision(code, no_nanovision_env, cwd=tmp_path).strip().splitlines()[-1] == str(expected.tolist())
+
+
+@pytest.fixture(scope="module")
+def vlm_checkpoint(tmp_path_factory):
+    """A saved VLM + processor folder, built the way training saves one."""
+    from PIL import Image
+
+    from nanovision import NanoVisionImageProcessor, NanoVisionProcessor
+    from nanovision.tokenizer import train_tokenizer
+
+    words = ["red", "green", "blue", "circle", "square", "what", "color", "is", "the", "a", "shape"]
+    tokenizer = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, vocab_size=300)
+    config = tiny_vlm_config(text=tiny_text_config(vocab_size=len(tokenizer)))
+    torch.manual_seed(0)
+    model = randomize(NanoVisionForConditionalGeneration(config), std=0.1).eval()
+    processor = NanoVisionProcessor(NanoVisionImageProcessor(size={"height": 32, "width": 32}), tokenizer,
+                                    num_image_tokens=config.num_image_tokens)
+    path = tmp_path_factory.mktemp("vlm")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    image = Image.new("RGB", (50, 40), (220, 30, 30))
+    image.save(path / "red.png")
+    return path
+
+
+USER_FLOW = """
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+proc = AutoProcessor.from_pretrained(CKPT, **KW)
+model = AutoModelForImageTextToText.from_pretrained(CKPT, **KW).eval()
+msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
+prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+inputs = proc(text=prompt, images=[Image.open(CKPT + "/red.png")], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)
+print(type(model).__module__, out[0, inputs["input_ids"].shape[1]:].tolist(), repr(proc.decode(out[0])), sep="\t")
+"""
+
+
+def test_user_flow_with_auto_processor_and_model(vlm_checkpoint, capsys):
+    exec(USER_FLOW.replace("CKPT", repr(str(vlm_checkpoint))).replace("**KW", ""), {})
+    module, new_tokens, text = capsys.readouterr().out.strip().split("\t")
+    assert module == "nanovision.modeling_nanovision" and len(eval(new_tokens)) == 8
+    assert text.startswith("'<|bos|><|user|><|image_start|><image>")
+
+
+def test_user_flow_as_remote_code_without_nanovision(vlm_checkpoint, tmp_path, no_nanovision_env, capsys):
+    exec(USER_FLOW.replace("CKPT", repr(str(vlm_checkpoint))).replace("**KW", ""), {})
+    expected_tokens = capsys.readouterr().out.strip().split("\t")[1]
+    code = USER_FLOW.replace("CKPT", repr(str(vlm_checkpoint))).replace("**KW", "trust_remote_code=True")
+    module, new_tokens, _ = run_without_nanovision(code, no_nanovision_env, cwd=tmp_path).strip().splitlines()[-1].split("\t")
+    assert module.startswith("transformers_modules") and new_tokens == expected_tokens
