@@ -330,7 +330,8 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        # Packed rows get a block-diagonal causal mask here, or cu_seqlens inside the flash-attention integration.
+        # Packed rows get a block-diagonal causal mask here; flash_attention_2 instead needs the cu_seq_lens kwargs
+        # (PackedDataCollator(return_flash_attn_kwargs=True)) for batches of more than one row.
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,

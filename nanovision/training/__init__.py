@@ -1,0 +1,1 @@
+"""Training utilities for nanovision: sequence packing (`nanovision.training.packing`)."""

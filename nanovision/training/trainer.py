@@ -1,0 +1,135 @@
+"""HF Trainer glue: per-module learning rates, a non-finite-loss guard, throughput/MFU logging, the exported
+checkpoint folder with its model card, and the Hub upload."""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+logger = logging.getLogger("nanovision")
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s, from the vendors' data sheets. MFU is reported against this (or
+# against --peak_tflops): "H100" means the SXM part.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                   "RTX 4090": 165e12}
+
+
+def default_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token of the language model (forward + backward): 6 per non-embedding parameter plus
+    the attention scores, as in nanochat. The vision tower is not counted."""
+    config = model.config.get_text_config()
+    language_params = sum(p.numel() for name, p in model.named_parameters()
+                          if "vision_tower" not in name and "embed_tokens" not in name)
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * language_params + attention
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NanoVisionTrainer(Trainer):
+    """`Trainer` with a learning rate per model part (vision tower / connector / language model), a guard that
+    stops on a NaN/inf loss before the optimizer step (so no checkpoint with broken weights is ever written), and
+    tokens/s + MFU in the logs."""
+
+    def __init__(self, *args, part_learning_rates: dict[str, float] | None = None, peak_flops: float | None = None,
+                 seq_len: int = 2048, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.part_learning_rates = part_learning_rates or {}
+        self.peak_flops = peak_flops or default_peak_flops()
+        self.flops_per_token = flops_per_token(self.model, seq_len)
+        self._throughput_mark = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model or self.model
+        parts = getattr(model, "trainable_parts", {"language_model": [model]})
+        groups = []
+        for part, modules in parts.items():
+            params = [p for module in modules for p in module.parameters() if p.requires_grad]
+            lr = self.part_learning_rates.get(part, self.args.learning_rate)
+            # no weight decay on vectors: norms, biases, perceiver queries are 1D or would be shrunk pointlessly
+            groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr,
+                           "weight_decay": self.args.weight_decay, "name": part})
+            groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0,
+                           "name": f"{part}.no_decay"})
+        groups = [group for group in groups if group["params"]]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        for group in groups:
+            logger.info("optimizer group %s: %d tensors, lr %.2e", group["name"], len(group["params"]), group["lr"])
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            checkpoints = sorted(Path(self.args.output_dir).glob("checkpoint-*"),
+                                 key=lambda path: int(path.name.split("-")[-1]))
+            last = checkpoints[-1] if checkpoints else "none saved yet"
+            raise NonFiniteLossError(
+                f"The training loss became {loss.item()} at step {self.state.global_step + 1}; the run stopped before "
+                f"the optimizer step. Last good checkpoint: {last}. Lower the learning rate or check the data, then "
+                f"resume with --resume_from_checkpoint."
+            )
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
+        if self._throughput_mark is not None and "loss" in logs:
+            then, tokens_then = self._throughput_mark
+            tokens_per_second = (tokens - tokens_then) / max(now - then, 1e-9)
+            logs["tokens_per_second"] = round(tokens_per_second, 1)
+            if self.peak_flops:
+                world = self.args.world_size
+                logs["mfu"] = round(tokens_per_second * self.flops_per_token / (self.peak_flops * world), 4)
+        if "loss" in logs or self._throughput_mark is None:
+            self._throughput_mark = (now, tokens)
+        super().log(logs, *args, **kwargs)
+
+
+def write_model_card(folder: Path, *, base_model: str | None, datasets: list[str], stage: str,
+                     settings: dict, eval_results: dict[str, float] | None = None) -> None:
+    """README.md with Hub metadata (library, pipeline, base model, datasets, eval results) and the training
+    settings."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    results = [EvalResult(task_type="image-text-to-text", dataset_type=datasets[0] if datasets else "unknown",
+                          dataset_name=datasets[0] if datasets else "unknown", metric_type="accuracy",
+                          metric_name=name, metric_value=value)
+               for name, value in (eval_results or {}).items()]
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-text-to-text" if stage != "base" else "text-generation",
+        base_model=base_model, datasets=datasets or None, tags=["nanovision", f"nanovision-{stage}"],
+        model_name=folder.name, eval_results=results or None,
+    )
+    rows = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+    evals = "\n".join(f"| {key} | {value:.4f} |" for key, value in (eval_results or {}).items()) or "| - | - |"
+    content = (
+        f"---\n{card_data.to_yaml()}\n---\n\n# {folder.name}\n\n"
+        f"A nanovision model after the `{stage}` stage. Load it with `trust_remote_code=True` where nanovision "
+        f"is not installed.\n\n## Training settings\n\n| setting | value |\n|---|---|\n{rows}\n\n"
+        f"## Evaluation\n\n| metric | value |\n|---|---|\n{evals}\n"
+    )
+    ModelCard(content).save(folder / "README.md")
+
+
+def push_folder_to_hub(folder: Path, repo_id: str, private: bool = False):
+    """Upload exactly the exported folder (weights, config, tokenizer, processor, remote code, model card)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="nanovision checkpoint")
+
