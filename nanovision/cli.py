@@ -7,17 +7,35 @@ import logging
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nanovision", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    quickstart = commands.add_parser("quickstart", help="train a tiny model on the built-in data, reload it, generate")
+    quickstart = commands.add_parser("quickstart", help="base -> vision -> sft on the built-in data, then evaluate")
     quickstart.add_argument("--output_dir", default="outputs/quickstart")
-    quickstart.add_argument("--max_steps", type=int, default=300)
     quickstart.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    evaluate = commands.add_parser("eval", help="held-out accuracy of a checkpoint on the built-in shapes questions")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--num_test", type=int, default=400)
+    evaluate.add_argument("--seed", type=int, default=0)
+    commands.add_parser("train", help="one training stage (see `nanovision train --help`)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    if args.command == "quickstart":
-        from .training.quickstart_text import run
+    if args.command == "train":
+        from transformers import HfArgumentParser
 
-        run(output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed)
+        from .training.stages import StageArguments, run_stage
+
+        (stage_args,) = HfArgumentParser(StageArguments).parse_args_into_dataclasses(rest)
+        run_stage(stage_args)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "quickstart":
+        from .training.quickstart import run
+
+        run(output_dir=args.output_dir, seed=args.seed)
+    elif args.command == "eval":
+        from .training.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(args.model, num_test=args.num_test, seed=args.seed)
 
 
 if __name__ == "__main__":

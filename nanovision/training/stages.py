@@ -150,7 +150,7 @@ def build_processor(model, tokenizer):
                                tokenizer, num_image_tokens=model.config.num_image_tokens)
 
 
-def run_stage(args: StageArguments) -> Path:
+def run_stage(args: StageArguments, callbacks=None) -> Path:
     """Train one stage and export `<output_dir>/final`: a `save_pretrained` folder with the tokenizer, the processor
     (vision stages), remote-code files, generation config and a model card. Returns that folder."""
     torch.manual_seed(args.seed)
@@ -197,6 +197,7 @@ def run_stage(args: StageArguments) -> Path:
         model=model, args=training_args, train_dataset=packed, data_collator=collator,
         processing_class=processor or tokenizer, part_learning_rates=part_lrs,
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None, seq_len=args.pack_max_length,
+        callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 

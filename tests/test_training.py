@@ -1,0 +1,196 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from nanovision.training import trainer as trainer_module
+from nanovision.training.data import load_stage_dataset, tokenize_for_stage
+from nanovision.training.stages import StageArguments, run_stage
+from nanovision.training.trainer import NonFiniteLossError
+
+TINY = dict(builtin_train_size=120, pack_max_length=256, device_batch_size=2, depth=2, head_dim=32, vocab_size=400,
+            image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, logging_steps=1,
+            save_steps=1000)
+
+
+def stage(tmp_path, name, **overrides):
+    return StageArguments(stage=name, output_dir=str(tmp_path / name), **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """base -> vision -> sft, a few steps each."""
+    root = tmp_path_factory.mktemp("pipeline")
+    base = run_stage(stage(root, "base", max_steps=3))
+    vision = run_stage(stage(root, "vision", model=str(base), max_steps=2))
+    sft = run_stage(stage(root, "sft", model=str(vision), max_steps=2, train_modules="connector,language_model"))
+    return base, vision, sft
+
+
+def test_stage_folders_are_complete_checkpoints(pipeline):
+    base, vision, sft = pipeline
+    common = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "modeling_nanovision.py", "configuration_nanovision.py", "README.md", "training_settings.json"}
+    assert common <= {p.name for p in base.iterdir()}
+    assert common | {"processor_config.json", "processing_nanovision.py"} <= {p.name for p in sft.iterdir()}
+    card = (sft / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
+    assert metadata["base_model"] == str(vision) and metadata["datasets"] == ["builtin"]
+    assert "| train_modules | connector,language_model |" in card
+    generation = json.loads((sft / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 1 and generation["pad_token_id"] == 2
+
+
+def test_stages_train_only_their_modules(pipeline):
+    base, vision, sft = pipeline
+    base_weights, vision_weights, sft_weights = (load_file(path / "model.safetensors") for path in pipeline)
+    # vision stage: language model frozen, connector trained
+    assert torch.equal(vision_weights["model.language_model.layers.0.mlp.up_proj.weight"],
+                       base_weights["model.layers.0.mlp.up_proj.weight"])
+    # sft with connector,language_model: the vision tower stays as it was, the rest moves
+    tower = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(sft_weights[tower], vision_weights[tower])
+    projector = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(sft_weights[projector], vision_weights[projector])
+
+
+def test_quickstart_evaluation_runs_on_the_pipeline(pipeline, capsys):
+    from nanovision.training.evaluate import evaluate_checkpoint
+
+    scores = evaluate_checkpoint(pipeline[2], num_test=8, batch_size=4)
+    assert scores["n"] == 8 and 0.0 <= scores["overall"] <= 1.0
+    assert "accuracy: " in capsys.readouterr().out
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash after step {self.step}")
+
+
+def losses(folder):
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
+
+
+def test_resume_after_a_crash_continues_the_same_run(tmp_path):
+    settings = dict(max_steps=6, save_steps=3, builtin_train_size=200)
+    run_stage(stage(tmp_path / "straight", "base", **settings))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage(tmp_path / "crashed", "base", **settings), callbacks=[CrashAt(4)])
+    checkpoint = tmp_path / "crashed" / "base" / "checkpoint-3"
+    assert checkpoint.exists() and not (tmp_path / "crashed" / "base" / "checkpoint-6").exists()
+    run_stage(stage(tmp_path / "crashed", "base", resume_from_checkpoint=str(checkpoint), **settings))
+    straight = losses(tmp_path / "straight" / "base" / "checkpoint-6")
+    resumed = losses(tmp_path / "crashed" / "base" / "checkpoint-6")
+    assert sorted(straight) == list(range(1, 7))
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+class PoisonWeightsAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*checkpoint-2"):
+        run_stage(stage(tmp_path, "base", max_steps=6, save_steps=2), callbacks=[PoisonWeightsAfterSave()])
+    folders = sorted(p.name for p in (tmp_path / "base").glob("checkpoint-*"))
+    assert folders == ["checkpoint-2"]
+    weights = load_file(tmp_path / "base" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_push_to_hub_uploads_exactly_the_exported_folder(tmp_path, monkeypatch):
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls["files"] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*"))
+            calls["folder"] = folder_path
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    final = run_stage(stage(tmp_path, "base", max_steps=1, push_to_hub=True, hub_model_id="someone/tiny"))
+    assert calls["repo"] == "someone/tiny" and calls["folder"] == str(final)
+    assert calls["files"] == sorted(p.name for p in final.iterdir())
+    assert "model.safetensors" in calls["files"] and not any("checkpoint" in f for f in calls["files"])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        stage(tmp_path, "base", push_to_hub=True)
+
+
+def test_missing_columns_name_the_expected_ones(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"content": "hello"}\n')
+    with pytest.raises(ValueError, match=r"expects columns \['text'\].*lacks \['text'\]"):
+        load_stage_dataset(str(path), "base")
+    sft = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]]})
+    with pytest.raises(ValueError, match=r"sft stage expects columns \['messages', 'images'\]"):
+        tokenize_for_stage(sft, "sft", tokenizer=None)
+    with pytest.raises(ValueError, match="train_modules"):
+        stage(tmp_path, "sft", train_modules="vision,lm")
+
+
+def test_load_stage_dataset_opens_files_and_saved_folders(tmp_path):
+    data = datasets.Dataset.from_dict({"text": ["a red circle.", "two shapes."]})
+    data.to_parquet(str(tmp_path / "d.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "saved_dict"))
+    for source in ("d.parquet", "saved", "saved_dict"):
+        assert load_stage_dataset(str(tmp_path / source), "base")["text"] == data["text"]
+
+
+def test_throughput_and_mfu_are_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "default_peak_flops", lambda: 1e12)
+    final = run_stage(stage(tmp_path, "base", max_steps=3, save_steps=3))
+    logs = [entry for entry in json.loads((tmp_path / "base" / "checkpoint-3" / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in entry]
+    assert all(entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 for entry in logs[1:])
+    assert final.exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_process_ddp_matches_one_process_at_same_global_batch(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys\n"
+        "from nanovision.training.stages import StageArguments, run_stage\n"
+        f"settings = {TINY!r}\n"
+        # SGD: Adam's first steps turn float-rounding-sized gradients into full-size updates, which would hide
+        # whether the two runs really train on the same global batch with the same loss scaling
+        "settings.update(device_batch_size=int(sys.argv[2]), max_steps=3, save_steps=3, optim='sgd', "
+        "learning_rate=0.5, warmup=0)\n"
+        "run_stage(StageArguments(stage='base', output_dir=sys.argv[1], **settings))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # On a machine without GPUs, --multi_gpu starts the processes with torch.distributed and accelerate picks gloo;
+    # --cpu would silently run a single process.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    for procs, batch in ((1, 4), (2, 2)):
+        command = [*launch, "--num_processes", "2"] if procs == 2 else [sys.executable]
+        out = subprocess.run([*command, str(script), str(tmp_path / f"p{procs}"), str(batch)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    single, double = losses(tmp_path / "p1" / "checkpoint-3"), losses(tmp_path / "p2" / "checkpoint-3")
+    assert sorted(single) == sorted(double) == [1, 2, 3]
+    for step in single:
+        assert double[step] == pytest.approx(single[step], rel=1e-4), step
+    assert single[3] < single[1] - 0.01  # the steps really trained
