@@ -1,0 +1,225 @@
+"""Fused kernels for nanovision with per-op backend selection.
+
+Backend order per op, chosen once per process:
+  1. "triton"        - Triton kernels, when CUDA is available and triton imports
+                       (or TRITON_INTERPRET=1 is set, so CPU tests exercise them)
+  2. "torch_compile" - torch.compile'd plain-torch reference
+  3. "eager"         - plain-torch reference
+
+NANOVISION_KERNEL_BACKEND=triton|torch_compile|eager forces a backend (when usable).
+Calls on tensors the chosen backend cannot handle (e.g. CPU tensors with the
+Triton backend outside interpreter mode) fall back per call to the next backend.
+
+Note: the functions exported here shadow the same-named submodules as package
+attributes (`nanovision.kernels.rms_norm` is the dispatching function); import
+the raw Triton entry points with `from nanovision.kernels.rms_norm import rms_norm`.
+"""
+
+import logging
+import os
+import shutil
+import warnings
+from typing import Dict, Optional
+
+import torch
+
+from . import fused_linear_cross_entropy as _flce_mod
+from . import rms_norm as _rms_mod
+from . import rope as _rope_mod
+from . import swiglu as _swiglu_mod
+
+logger = logging.getLogger("nanovision")
+
+OPS = ("rms_norm", "swiglu", "rope", "linear_ce")
+BACKENDS = ("triton", "torch_compile", "eager")
+
+_REFERENCES = {
+    "rms_norm": _rms_mod.rms_norm_reference,
+    "swiglu": _swiglu_mod.swiglu_reference,
+    "relu2": _swiglu_mod.relu2_reference,
+    "rope": _rope_mod.apply_rotary_reference,
+    "linear_ce": _flce_mod.linear_cross_entropy_reference,
+}
+_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "rope": "rope", "linear_ce": "linear_ce"}
+
+_BACKENDS: Optional[Dict[str, str]] = None
+_FALLBACK: Optional[str] = None
+_COMPILED: Dict[str, object] = {}
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _interpret() -> bool:
+    return _env_true("TRITON_INTERPRET")
+
+
+def _triton_usable() -> bool:
+    if not all(m.HAS_TRITON for m in (_rms_mod, _swiglu_mod, _rope_mod, _flce_mod)):
+        return False
+    if _interpret():
+        return True
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _compile_usable() -> bool:
+    if not hasattr(torch, "compile") or _env_true("TORCHDYNAMO_DISABLE"):
+        return False
+    try:
+        from torch import _dynamo
+
+        if not _dynamo.is_dynamo_supported():
+            return False
+    except Exception:  # pragma: no cover
+        return False
+    if torch.cuda.is_available():
+        return True
+    # inductor's CPU backend needs a C++ compiler
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+def _select() -> Dict[str, str]:
+    global _BACKENDS, _FALLBACK
+    if _BACKENDS is None:
+        compile_ok = _compile_usable()
+        _FALLBACK = "torch_compile" if compile_ok else "eager"
+        chosen = "triton" if _triton_usable() else _FALLBACK
+        forced = os.environ.get("NANOVISION_KERNEL_BACKEND", "").strip().lower()
+        if forced:
+            if forced not in BACKENDS:
+                raise ValueError(f"NANOVISION_KERNEL_BACKEND={forced!r}; expected one of {BACKENDS}")
+            usable = {"triton": _triton_usable(), "torch_compile": compile_ok, "eager": True}[forced]
+            if usable:
+                chosen = forced
+                if forced != "triton":
+                    _FALLBACK = forced
+            else:
+                warnings.warn(f"nanovision: forced kernel backend {forced!r} is not usable; using {chosen!r}")
+        _BACKENDS = {op: chosen for op in OPS}
+    return _BACKENDS
+
+
+def kernel_backends() -> Dict[str, str]:
+    """Backend name per op: {"rms_norm", "swiglu", "rope", "linear_ce"} -> "triton"|"torch_compile"|"eager"."""
+    return dict(_select())
+
+
+def describe_backends() -> str:
+    b = _select()
+    return "nanovision kernels: " + " ".join(f"{op}={b[op]}" for op in OPS)
+
+
+def _reset_backends() -> None:
+    """Forget the cached choice (tests / after changing the environment)."""
+    global _BACKENDS, _FALLBACK
+    _BACKENDS = None
+    _FALLBACK = None
+    _COMPILED.clear()
+
+
+def _run_reference(fn_name: str, backend: str, *args, **kwargs):
+    ref = _REFERENCES[fn_name]
+    if backend == "torch_compile":
+        fn = _COMPILED.get(fn_name)
+        if fn is None:
+            fn = _COMPILED[fn_name] = torch.compile(ref)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # compilation failure -> eager from now on
+            try:
+                out = ref(*args, **kwargs)
+            except Exception:
+                raise e
+            op = _OP_OF[fn_name]
+            warnings.warn(f"nanovision: torch.compile failed for {fn_name} ({type(e).__name__}); using eager")
+            _select()[op] = "eager"
+            return out
+    return ref(*args, **kwargs)
+
+
+def _triton(fn):
+    """Under TRITON_INTERPRET the kernels run as numpy code, which dynamo cannot trace: keep those calls out of
+    compiled graphs (on a GPU, torch.compile traces the Triton kernels themselves)."""
+    return torch.compiler.disable(fn) if _interpret() else fn
+
+
+def _backend(op: str, t: torch.Tensor) -> str:
+    b = _select()[op]
+    if b == "triton" and not (t.is_cuda or _interpret()):
+        return _FALLBACK
+    return b
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6, residual=None):
+    """RMSNorm over the last dim; with `residual` returns (norm(x + residual), x + residual)."""
+    b = _backend("rms_norm", x)
+    if b == "triton":
+        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual)
+    return _run_reference("rms_norm", b, x, weight, eps, residual)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up."""
+    b = _backend("swiglu", gate)
+    if b == "triton":
+        return _triton(_swiglu_mod.swiglu)(gate, up)
+    return _run_reference("swiglu", b, gate, up)
+
+
+def relu2(x):
+    """relu(x) ** 2."""
+    b = _backend("swiglu", x)
+    if b == "triton":
+        return _triton(_swiglu_mod.relu2)(x)
+    return _run_reference("relu2", b, x)
+
+
+def apply_rotary(q, k, cos, sin):
+    """HF rotate_half RoPE: q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B or 1, T, D] -> (q_rot, k_rot)."""
+    b = _backend("rope", q)
+    if b == "triton":
+        return _triton(_rope_mod.apply_rotary)(q, k, cos, sin)
+    return _run_reference("rope", b, q, k, cos, sin)
+
+
+def fused_linear_cross_entropy(
+    hidden,
+    lm_head_weight,
+    labels,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap=None,
+    num_items_in_batch=None,
+):
+    """Cross-entropy of hidden @ lm_head_weight.T vs labels (already aligned, no shift); fp32 loss."""
+    b = _backend("linear_ce", hidden)
+    if b == "triton":
+        return _triton(_flce_mod.fused_linear_cross_entropy)(
+            hidden, lm_head_weight, labels, ignore_index=ignore_index, reduction=reduction,
+            softcap=softcap, num_items_in_batch=num_items_in_batch,
+        )
+    return _run_reference(
+        "linear_ce", b, hidden, lm_head_weight, labels, ignore_index=ignore_index, reduction=reduction,
+        softcap=softcap, num_items_in_batch=num_items_in_batch,
+    )
+
+
+from .layers import FusedMLP, FusedRMSNorm, apply_fused_kernels  # noqa: E402
+
+__all__ = [
+    "OPS",
+    "kernel_backends",
+    "describe_backends",
+    "rms_norm",
+    "swiglu",
+    "relu2",
+    "apply_rotary",
+    "fused_linear_cross_entropy",
+    "apply_fused_kernels",
+    "FusedRMSNorm",
+    "FusedMLP",
+]

@@ -1,0 +1,166 @@
+"""nn.Module wrappers around the fused ops and `apply_fused_kernels`.
+
+`apply_fused_kernels(model, ops=None)` patches one model instance in place:
+  rms_norm             NanoVisionRMSNorm        -> FusedRMSNorm (same weight Parameter)
+  swiglu               NanoVisionTextMLP        -> FusedMLP (same Linear submodules; swiglu or relu2)
+  rope                 NanoVisionTextAttention  -> instance attribute rotary_fn = apply_rotary
+  linear_cross_entropy NanoVisionForCausalLM /
+                       NanoVisionForConditionalGeneration -> linear_cross_entropy = fused op
+Modules are matched by class name so remote-code copies of the classes work too.
+Parameter names / state_dict keys are unchanged.
+"""
+
+import logging
+import sys
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("nanovision")
+
+VALID_OPS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+
+RMSNORM_CLASS_NAMES = frozenset({"NanoVisionRMSNorm"})
+MLP_CLASS_NAMES = frozenset({"NanoVisionTextMLP"})
+ATTENTION_CLASS_NAMES = frozenset({"NanoVisionTextAttention"})
+LM_CLASS_NAMES = frozenset({"NanoVisionForCausalLM", "NanoVisionForConditionalGeneration"})
+
+_PLAIN_TYPES = (bool, int, float, str, type(None), tuple)
+_SKIP_ATTRS = frozenset({"forward", "training"})
+_LOGGED = False
+
+
+def _ops():
+    # the package's dispatching functions (resolved lazily: the package imports this module)
+    return sys.modules[__package__]
+
+
+def _adopt(src: nn.Module, dst: nn.Module) -> None:
+    """Carry over children, buffers and plain public attributes that `dst` does not define."""
+    dst.train(src.training)
+    for name, child in src.named_children():
+        if name not in dst._modules:
+            dst.add_module(name, child)
+    for name, buf in src.named_buffers(recurse=False):
+        if name not in dst._buffers:
+            dst.register_buffer(name, buf, persistent=name not in src._non_persistent_buffers_set)
+    for name, value in vars(src).items():
+        if name.startswith("_") or name in _SKIP_ATTRS or not isinstance(value, _PLAIN_TYPES):
+            continue
+        if not hasattr(dst, name):
+            setattr(dst, name, value)
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm calling the fused kernel; forward(hidden_states, residual=None) like NanoVisionRMSNorm."""
+
+    def __init__(self, weight: Optional[nn.Parameter] = None, eps: float = 1e-6):
+        super().__init__()
+        if weight is None:
+            self.register_parameter("weight", None)
+        else:
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.eps = float(eps)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FusedRMSNorm":
+        eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
+        new = cls(getattr(module, "weight", None), eps)
+        _adopt(module, new)
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual)
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.weight.shape) if self.weight is not None else "no weight"
+        return f"{shape}, eps={self.eps}"
+
+
+class FusedMLP(nn.Module):
+    """down_proj(swiglu(gate_proj(x), up_proj(x))) or down_proj(relu2(up_proj(x)))."""
+
+    def __init__(self, mlp_type: str = "swiglu"):
+        super().__init__()
+        if mlp_type not in ("swiglu", "relu2"):
+            raise ValueError(f"mlp_type must be 'swiglu' or 'relu2', got {mlp_type!r}")
+        self.mlp_type = mlp_type
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "FusedMLP":
+        new = cls(getattr(module, "mlp_type", "swiglu"))
+        _adopt(module, new)  # gate_proj / up_proj / down_proj in their original order
+        needed = ("gate_proj", "up_proj", "down_proj") if new.mlp_type == "swiglu" else ("up_proj", "down_proj")
+        missing = [n for n in needed if n not in new._modules]
+        if missing:
+            raise ValueError(f"{type(module).__name__} has no {missing} for mlp_type={new.mlp_type!r}")
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _ops()
+        if self.mlp_type == "swiglu":
+            h = ops.swiglu(self.gate_proj(x), self.up_proj(x))
+        else:
+            h = ops.relu2(self.up_proj(x))
+        return self.down_proj(h)
+
+    def extra_repr(self) -> str:
+        return f"mlp_type={self.mlp_type!r}"
+
+
+def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -> nn.Module:
+    """Swap in fused kernels on this model instance (in place) and return it.
+
+    ops: None for all, or a subset of {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}.
+    The applied ops are recorded as `model.fused_kernel_ops`.
+    """
+    global _LOGGED
+    if ops is None:
+        selected = VALID_OPS
+    else:
+        requested = (ops,) if isinstance(ops, str) else tuple(ops)
+        unknown = [o for o in requested if o not in VALID_OPS]
+        if unknown:
+            raise ValueError(f"unknown fused kernel op(s) {unknown}; valid ops are {list(VALID_OPS)}")
+        selected = tuple(o for o in VALID_OPS if o in requested)
+
+    pkg = _ops()
+    counts = dict.fromkeys(selected, 0)
+    replaced = {}  # id(original) -> replacement, so shared modules stay shared
+
+    def _swap(parent: nn.Module, name: str, child: nn.Module, op: str, factory) -> None:
+        new = replaced.get(id(child))
+        if new is None:
+            new = replaced[id(child)] = factory(child)
+            counts[op] += 1
+        parent._modules[name] = new
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            cls_name = type(child).__name__
+            if "rms_norm" in counts and cls_name in RMSNORM_CLASS_NAMES:
+                _swap(parent, name, child, "rms_norm", FusedRMSNorm.from_module)
+            elif "swiglu" in counts and cls_name in MLP_CLASS_NAMES:
+                _swap(parent, name, child, "swiglu", FusedMLP.from_module)
+
+    for module in model.modules():
+        cls_name = type(module).__name__
+        if "rope" in counts and cls_name in ATTENTION_CLASS_NAMES:
+            module.rotary_fn = pkg.apply_rotary
+            counts["rope"] += 1
+        if "linear_cross_entropy" in counts and cls_name in LM_CLASS_NAMES:
+            module.linear_cross_entropy = pkg.fused_linear_cross_entropy
+            counts["linear_cross_entropy"] += 1
+
+    previous = tuple(getattr(model, "fused_kernel_ops", ()) or ())
+    model.fused_kernel_ops = tuple(o for o in VALID_OPS if o in previous or counts.get(o, 0) > 0)
+
+    if not _LOGGED:
+        logger.info(pkg.describe_backends())
+        _LOGGED = True
+    logger.debug("nanovision: fused kernels applied: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for op, n in counts.items():
+        if n == 0:
+            logger.warning("nanovision: fused kernel op %r matched no module in %s", op, type(model).__name__)
+    return model

@@ -1,0 +1,96 @@
+"""The fused kernels inside the model: same outputs and gradients as the eager model."""
+
+import logging
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter here
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import randomize, tiny_text_config, tiny_vlm_config  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: E402
+
+pytest.importorskip("triton")
+from nanovision.kernels import apply_fused_kernels, kernel_backends  # noqa: E402
+
+BLOCKS = {
+    "llama": dict(),
+    "nanochat": dict(mlp_type="relu2", norm_weights=False, embedding_norm=True, qk_norm="parameter_free",
+                     final_logit_softcapping=15.0),
+    "qwen": dict(qk_norm="learnable", attention_bias=True, tie_word_embeddings=True),
+}
+
+
+def pair(block):
+    """The same weights twice: eager, and with every fused op from the config."""
+    torch.manual_seed(0)
+    eager = randomize(AutoModelForCausalLM.from_config(tiny_text_config(**BLOCKS[block]), attn_implementation="sdpa"))
+    fused = AutoModelForCausalLM.from_config(tiny_text_config(use_fused_kernels=True, **BLOCKS[block]),
+                                             attn_implementation="sdpa")
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def test_backends_are_triton_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="nanovision"):
+        _, fused = pair("llama")
+    assert set(kernel_backends().values()) == {"triton"}
+    assert fused.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+    assert type(fused.model.norm).__name__ == "FusedRMSNorm"
+    assert type(fused.model.layers[0].mlp).__name__ == "FusedMLP"
+    assert fused.linear_cross_entropy is not None
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_fused_model_matches_eager_loss_and_grads(block):
+    eager, fused = pair(block)
+    eager.train(), fused.train()
+    ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    expected = eager(ids, labels=labels)
+    actual = fused(ids, labels=labels)
+    assert actual.logits is None  # fused linear cross-entropy never builds the logits
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
+    expected.loss.backward()
+    actual.loss.backward()
+    eager_grads = dict(eager.named_parameters())
+    for name, param in fused.named_parameters():
+        torch.testing.assert_close(param.grad, eager_grads[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+    fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, eager.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_apply_fused_kernels_to_an_existing_model_keeps_weights(tmp_path):
+    eager, _ = pair("nanochat")
+    keys = list(eager.state_dict())
+    with pytest.raises(ValueError, match="rmsnorm"):
+        apply_fused_kernels(eager, ops=["rmsnorm"])
+    patched = apply_fused_kernels(eager, ops=["rms_norm", "rope"])
+    assert list(patched.state_dict()) == keys and patched.linear_cross_entropy is None
+    patched.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, patched(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_vlm_matches_eager():
+    torch.manual_seed(0)
+    eager = randomize(AutoModelForImageTextToText.from_config(tiny_vlm_config()), std=0.1).train()
+    fused = AutoModelForImageTextToText.from_config(tiny_vlm_config(text=tiny_text_config(use_fused_kernels=True)))
+    fused.load_state_dict(eager.state_dict())
+    fused.train()
+    ids = torch.tensor([[0, 7, 6, 6, 6, 6, 8, 20, 21, 22, 23]])
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    expected, actual = eager(ids, pixel_values=pixels, labels=ids), fused(ids, pixel_values=pixels, labels=ids)
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_still_works_with_fused_kernels():
+    eager, fused = pair("llama")
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fused.eval())(ids).logits, eager.eval()(ids).logits,
+                                   atol=1e-4, rtol=1e-4)
