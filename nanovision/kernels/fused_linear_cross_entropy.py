@@ -136,15 +136,16 @@ MAX_BLOCK_V = 4096
 _ADDMM_OUT_DTYPE_OK = {}
 
 
-CHUNK_MULTIPLIER = 4
+CHUNK_MULTIPLIER = 8
 
 
 def _default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
     """Rows per chunk: the logits chunk is about CHUNK_MULTIPLIER x the hidden states' size.
 
     Fewer chunks mean fewer passes over the fp32 grad_W accumulator (2 x V x H x 4 bytes
-    each); on an H100 (16384 x 1280 x 50304 bf16) 8 chunks of 2048 rows ran ~30% faster
-    than 32 chunks of 512 for +18% peak memory (still ~5% of the unfused path).
+    each); on an H100 (16384 x 1280 x 50304 bf16) fwd+bwd took 13.6 / 11.9 / 11.3 ms with chunks of
+    1024 / 2048 / 4096 rows, peak extra memory 482 MiB at 2048 and 679 MiB at 4096 (7% of the unfused
+    path's 9.4 GiB); 4096 rows is the default there (benchmarks/RESULTS.md).
     """
     per = -(-vocab // max(1, hidden))
     c = max(1, -(-n_rows // per))
