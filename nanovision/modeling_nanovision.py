@@ -438,9 +438,14 @@ def causal_lm_loss_and_logits(model, hidden_states, labels, logits_to_keep, **kw
         targets = kwargs.get("shift_labels")
         if targets is None:
             targets = shifted_labels(labels)
+        weight = model.lm_head.weight
+        device_type = hidden_states.device.type
+        if torch.is_autocast_enabled(device_type):  # what autocast would do to the lm_head matmul
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
         loss = model.linear_cross_entropy(
             hidden_states.reshape(-1, hidden_states.shape[-1]),
-            model.lm_head.weight,
+            weight,
             targets.reshape(-1).to(hidden_states.device),
             ignore_index=-100,
             reduction="mean",

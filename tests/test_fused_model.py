@@ -94,3 +94,14 @@ def test_torch_compile_still_works_with_fused_kernels():
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(fused.eval())(ids).logits, eager.eval()(ids).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_fused_model_under_bf16_autocast_matches_eager():
+    eager, fused = pair("llama")
+    eager.train(), fused.train()
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = eager(ids, labels=ids).loss, fused(ids, labels=ids).loss
+    actual.backward()
+    assert actual.dtype == torch.float32 and fused.lm_head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,242 @@
+"""Training-step throughput on one GPU: nanovision against transformers' LlamaForCausalLM (+ torch.compile), in one run.
+
+Shape (nanochat d20-like): 20 layers, hidden 1280, 10 query heads of 128, 5 KV heads, SwiGLU 3456, vocab 50304,
+untied embeddings, seq 2048, micro-batch 8, bf16 autocast over fp32 master weights, torch fused AdamW; a step is
+forward + loss + backward + optimizer step. Also packed training (log-normal documents packed into 2048-token rows)
+against full-length rows, and packed attention alone against dense causal attention.
+
+    python benchmarks/train_step.py --out benchmarks/results/train_step.json [--variants ...] [--smoke]
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import nanovision
+from nanovision.kernels import describe_backends
+
+SHAPE = dict(layers=20, hidden=1280, heads=10, kv_heads=5, head_dim=128, ffn=3456, vocab=50304, seq=2048, batch=8)
+SMOKE = dict(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=640, vocab=1024, seq=256, batch=2)
+
+
+def llama_model(s, attn):
+    config = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"], max_position_embeddings=s["seq"],
+                         tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+def nanovision_model(s, attn, block, fused):
+    preset = nanovision.presets.text_config if block == "llama" else nanovision.presets.nanochat_config
+    config = preset(depth=s["layers"], head_dim=s["head_dim"], vocab_size=s["vocab"], max_position_embeddings=s["seq"])
+    # pin the exact shape (the presets derive it from depth; the smoke shape is not depth-scaled)
+    config.update(dict(hidden_size=s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                       intermediate_size=s["ffn"] if block == "llama" else 4 * s["hidden"], use_fused_kernels=fused))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+# name -> (builder, attention implementation, sdpa backend or None, compile)
+VARIANTS = {
+    "llama sdpa (eager)": (lambda s: llama_model(s, "sdpa"), None, False),
+    "llama sdpa + compile": (lambda s: llama_model(s, "sdpa"), None, True),
+    "nanovision llama-block sdpa": (lambda s: nanovision_model(s, "sdpa", "llama", False), None, False),
+    "+ fused kernels": (lambda s: nanovision_model(s, "sdpa", "llama", True), None, False),
+    "+ fused kernels + cuDNN attention": (lambda s: nanovision_model(s, "sdpa", "llama", True),
+                                          SDPBackend.CUDNN_ATTENTION, False),
+    "+ fused kernels + cuDNN + compile": (lambda s: nanovision_model(s, "sdpa", "llama", True),
+                                          SDPBackend.CUDNN_ATTENTION, True),
+    "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
+                                             SDPBackend.CUDNN_ATTENTION, True),
+    "nanovision nanochat-block, best": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
+                                        SDPBackend.CUDNN_ATTENTION, True),
+}
+
+
+def flops_per_token(model, s):
+    """6 x non-embedding parameters (matmuls, forward + backward) + causal attention (half of 12 L H D T)."""
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return 6 * params + 6 * s["layers"] * s["heads"] * s["head_dim"] * s["seq"]
+
+
+def matmul_tflops(device):
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (time.perf_counter() - start) / 1e12
+
+
+def make_batch(s, device, packed_lengths=None, generator=None):
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]), device=device, generator=generator)
+    labels = ids.clone()
+    if packed_lengths is None:
+        return dict(input_ids=ids, labels=labels), s["batch"] * s["seq"]
+    position_ids = torch.empty_like(ids)
+    useful = 0
+    for row, lengths in enumerate(packed_lengths):
+        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.arange(s["seq"] - sum(lengths))])
+        position_ids[row] = positions.to(device)
+        starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        labels[row, starts[starts < s["seq"]]] = -100
+        labels[row, sum(lengths):] = -100
+        useful += sum(lengths)
+    return dict(input_ids=ids, labels=labels, position_ids=position_ids), useful
+
+
+def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
+    """Documents with log-normal lengths (mean ~600), best-fit packed into rows of seq tokens."""
+    from nanovision.training.packing import pack_examples
+
+    g = torch.Generator().manual_seed(seed)
+    mu = math.log(mean) - sigma**2 / 2
+    lengths = torch.exp(torch.randn(4000, generator=g) * sigma + mu).clamp(16, s["seq"]).long().tolist()
+    rows = pack_examples(lengths, s["seq"])
+    rows.sort(key=lambda r: -sum(lengths[i] for i in r))
+    return [[lengths[i] for i in r] for r in rows[: s["batch"]]]
+
+
+def time_steps(model, batch, attention_backend, steps, warmup):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    backend = sdpa_kernel(attention_backend) if attention_backend is not None else contextlib.nullcontext()
+
+    def step():
+        with backend, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    return elapsed, torch.cuda.max_memory_allocated() / 2**30, float(loss)
+
+
+def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup):
+    build, backend, compiled = VARIANTS[name]
+    torch.manual_seed(0)
+    model = build(s).to(device).train()
+    fpt = flops_per_token(model, s)
+    runner = torch.compile(model) if compiled else model
+    seconds, peak_gib, loss = time_steps(runner, batch, backend, steps, warmup)
+    tokens_per_s = useful_tokens / seconds
+    row = dict(variant=name, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s, tflops=tokens_per_s * fpt / 1e12,
+               mfu=tokens_per_s * fpt / 1e12 / peak, peak_gib=peak_gib, loss=loss)
+    del model, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def attention_only(s, device, rows, peak):
+    """Packed attention forward+backward, TFLOP/s counting only in-document causal work, against dense cuDNN."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, H, Hk, D = s["batch"], s["seq"], s["heads"], s["kv_heads"], s["head_dim"]
+    q = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hk, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hk, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    doc = torch.full((B, T), -1, device=device, dtype=torch.long)
+    for row, lengths in enumerate(rows):
+        doc[row, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+    in_doc_pairs = sum(n * (n + 1) / 2 for lengths in rows for n in lengths)
+    dense_pairs = B * T * (T + 1) / 2
+    flops = lambda pairs: 4 * D * H * pairs * 3.5  # noqa: E731  fwd (2 matmuls) + bwd (2.5x fwd)
+
+    def doc_mask(b, h, qi, ki):
+        return (doc[b, qi] == doc[b, ki]) & (qi >= ki) & (doc[b, qi] >= 0)
+
+    block_mask = create_block_mask(doc_mask, B, None, T, T, device=device)
+    flex = torch.compile(flex_attention)
+    dense_bool = (doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T, device=device, dtype=torch.bool).tril()
+    dense_bool |= torch.eye(T, device=device, dtype=torch.bool)  # padding rows attend to themselves
+    cases = {
+        "dense causal, cuDNN": (lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True), SDPBackend.CUDNN_ATTENTION, dense_pairs),
+        "packed, flex_attention document mask": (lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True),
+                                                 None, in_doc_pairs),
+        "packed, sdpa block-diagonal mask (efficient)": (lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense_bool[:, None], enable_gqa=True), SDPBackend.EFFICIENT_ATTENTION, in_doc_pairs),
+    }
+    out = []
+    for name, (fn, backend, pairs) in cases.items():
+        context = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+        try:
+            with context:
+                for _ in range(3):
+                    fn().sum().backward()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(10):
+                    fn().sum().backward()
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - start) / 10 * 1e3
+            out.append(dict(case=name, ms=ms, useful_tflops=flops(pairs) / ms / 1e9))
+        except Exception as error:  # a backend that refuses this input is reported, not fatal
+            out.append(dict(case=name, error=repr(error)[:200]))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, for a quick check")
+    args = parser.parse_args()
+    s = SMOKE if args.smoke else SHAPE
+    device = torch.device("cuda")
+    peak = matmul_tflops(device)
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; bf16 matmul 8192^3: {peak:.0f} TFLOP/s; "
+          f"{describe_backends()}")
+    full, full_tokens = make_batch(s, device)
+    rows = []
+    for name in args.variants:
+        rows.append(bench_variant(name, s, device, peak, full, full_tokens, args.steps, args.warmup))
+        print(f"{name:42s} {rows[-1]['step_ms']:8.1f} ms {rows[-1]['tokens_per_s']:10.0f} tok/s "
+              f"{rows[-1]['tflops']:6.0f} TFLOP/s MFU {rows[-1]['mfu']:.3f} peak {rows[-1]['peak_gib']:.1f} GiB")
+    packed_rows = lognormal_rows(s)
+    packed, useful = make_batch(s, device, packed_rows)
+    packed_result = []
+    for attn in ("flex_attention", "sdpa"):
+        name = f"nanovision best, packed ({attn})"
+        VARIANTS[name] = (lambda s, attn=attn: nanovision_model(s, attn, "llama", True), None, True)
+        packed_result.append(bench_variant(name, s, device, peak, packed, useful, args.steps, args.warmup))
+        print(f"{name:42s} {packed_result[-1]['tokens_per_s']:10.0f} useful tok/s "
+              f"({useful / (s['batch'] * s['seq']):.1%} of the row tokens are real)")
+    attention = attention_only(s, device, packed_rows, peak)
+    for row in attention:
+        print(f"attention: {row['case']:46s} " + (f"{row['ms']:.2f} ms {row['useful_tflops']:.0f} useful TFLOP/s"
+                                                  if "ms" in row else row["error"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                              matmul_tflops=peak, shape=s, kernels=describe_backends(),
+                                              variants=rows, packed=packed_result, attention=attention), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
