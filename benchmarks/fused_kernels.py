@@ -1,8 +1,8 @@
 """Benchmark nanovision's fused kernels against eager / torch.compile / torch / Liger.
 
-    python benchmarks/kernels.py                      # H100 shapes (needs CUDA)
-    python benchmarks/kernels.py --smoke              # tiny shapes, CPU ok (Triton interpreter)
-    python benchmarks/kernels.py --ops rms_norm swiglu --out results.json
+    python benchmarks/fused_kernels.py                      # H100 shapes (needs CUDA)
+    python benchmarks/fused_kernels.py --smoke              # tiny shapes, CPU ok (Triton interpreter)
+    python benchmarks/fused_kernels.py --ops rms_norm swiglu --out results.json
 
 The fused FLCE computes its gradients inside the forward when inputs require grad,
 so its "fwd" row already includes most of the backward work.
