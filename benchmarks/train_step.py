@@ -111,9 +111,9 @@ def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
 
 def time_steps(model, batch, attention_backend, steps, warmup):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    backend = sdpa_kernel(attention_backend) if attention_backend is not None else contextlib.nullcontext()
 
     def step():
+        backend = sdpa_kernel(attention_backend) if attention_backend is not None else contextlib.nullcontext()
         with backend, torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
