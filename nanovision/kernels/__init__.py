@@ -198,7 +198,9 @@ def fused_linear_cross_entropy(
     """Cross-entropy of hidden @ lm_head_weight.T vs labels (already aligned, no shift); fp32 loss."""
     b = _backend("linear_ce", hidden)
     if b == "triton":
-        return _triton(_flce_mod.fused_linear_cross_entropy)(
+        # Always outside compiled graphs: dynamo cannot trace its in-place fp32 accumulation (addmm out=/out_dtype),
+        # and as the model's last op it costs one graph break at the end.
+        return torch.compiler.disable(_flce_mod.fused_linear_cross_entropy)(
             hidden, lm_head_weight, labels, ignore_index=ignore_index, reduction=reduction,
             softcap=softcap, num_items_in_batch=num_items_in_batch,
         )
