@@ -12,10 +12,11 @@ from .trainer import write_model_card
 
 logger = logging.getLogger("nanovision")
 
-# Each stage's settings; the model: 4 layers of 256 (GQA 4:2 heads of 64) + a 2-layer SigLIP tower on 64x64
-# images (8px patches, pixel shuffle 2 -> 16 image tokens).
+# Each stage's settings; the model: nanochat's block, 4 layers of 256 (4 heads of 64) + a 2-layer SigLIP tower on
+# 64x64 images (8px patches, pixel shuffle 2 -> 16 image tokens). nanochat's norm after the embedding also
+# normalises the image embeddings, which keeps the connector's output on the text embeddings' scale.
 STAGES = {
-    "base": dict(builtin_train_size=4000, num_train_epochs=2, learning_rate=3e-3),
+    "base": dict(builtin_train_size=4000, num_train_epochs=2, learning_rate=3e-3, block="nanochat"),
     "vision": dict(builtin_train_size=4000, num_train_epochs=1, learning_rate=3e-3),
     "sft": dict(builtin_train_size=8000, num_train_epochs=3, learning_rate=2e-3, vision_lr=1e-3),
 }

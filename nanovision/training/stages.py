@@ -47,6 +47,8 @@ class StageArguments:
     tokenizer: str | None = field(default=None, metadata={"help": "base stage: tokenizer to use (default: train one "
                                                                  "on the dataset)"})
     vocab_size: int = 1024
+    block: str = field(default="llama", metadata={"help": "new base model: 'llama' (presets.text_config) or "
+                                                          "'nanochat' (presets.nanochat_config)"})
     depth: int = 4
     head_dim: int = 64
     image_size: int = 64
@@ -88,6 +90,8 @@ class StageArguments:
     num_proc: int | None = None
 
     def __post_init__(self):
+        if self.block not in ("llama", "nanochat"):
+            raise ValueError(f"--block must be 'llama' or 'nanochat', got {self.block!r}.")
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {list(STAGES)}, got {self.stage!r}.")
         modules = self.train_modules or DEFAULT_TRAIN_MODULES[self.stage]
@@ -112,7 +116,8 @@ def build_model(args: StageArguments, tokenizer):
     if args.stage == "base":
         if args.model:
             return AutoModelForCausalLM.from_pretrained(args.model, use_fused_kernels=args.use_fused_kernels, **kwargs)
-        config = presets.text_config(
+        preset = presets.text_config if args.block == "llama" else presets.nanochat_config
+        config = preset(
             depth=args.depth, head_dim=args.head_dim, vocab_size=len(tokenizer),
             max_position_embeddings=args.pack_max_length, use_fused_kernels=args.use_fused_kernels,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
