@@ -15,6 +15,9 @@ def main(argv=None):
     evaluate.add_argument("--num_test", type=int, default=400)
     evaluate.add_argument("--seed", type=int, default=0)
     commands.add_parser("train", help="one training stage (see `nanovision train --help`)", add_help=False)
+    from .serving.cli import add_infer_arguments
+
+    add_infer_arguments(commands.add_parser("infer", help="generate with vLLM: prompt, batch file, chat, benchmark"))
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -36,6 +39,10 @@ def main(argv=None):
         from .training.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(args.model, num_test=args.num_test, seed=args.seed)
+    elif args.command == "infer":
+        from .serving.cli import run_infer
+
+        return run_infer(args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ import sys
 import pytest
 import torch
 
+# Triton picks its driver when first imported (nanovision imports it through the modeling file): without a GPU the
+# kernels must run on the CPU interpreter, so this has to be set before any test module imports nanovision.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,0 +1,30 @@
+"""vLLM plugin: serve nanovision checkpoints with no extra flag.
+
+setup.cfg registers `register` under the `vllm.general_plugins` entry point, so vLLM calls it in every process it
+starts (front end, engine core, workers). It maps nanovision's architectures onto vLLM's Transformers modeling
+backend, the way vLLM's own registry maps the Transformers models it serves through that backend: the backend builds
+our `AutoModel` (importing nanovision registers it, so no remote code is needed) and swaps in vLLM's paged attention
+through transformers' attention interface, and its parallel linears and embedding.
+
+Without nanovision installed, `vllm serve CKPT --trust-remote-code` reaches the same backend through the checkpoint's
+remote code (config.json's auto_map names the base models), with vLLM's unmodified multimodal processor.
+"""
+
+# config.json "architectures" -> vLLM Transformers-backend class, as lazy "module:Class" strings: registering imports
+# nothing heavy (and never initialises CUDA in the parent process). The VLM's class is vLLM's own one rebuilt with a
+# multimodal processor that answers a placeholder/image count mismatch with a ValueError (see vllm_models.py).
+ARCHITECTURES = {
+    "NanoVisionForCausalLM": "vllm.model_executor.models.transformers:TransformersForCausalLM",
+    "NanoVisionForConditionalGeneration": "nanovision.serving.vllm_models:TransformersMultiModalForCausalLM",
+}
+
+
+def register():
+    from vllm import ModelRegistry
+
+    import nanovision  # noqa: F401  registers the configs, models and processor with transformers' Auto classes
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for architecture, model_cls in ARCHITECTURES.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, model_cls)
