@@ -75,7 +75,11 @@ def _liger():
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-        ops["linear_ce"] = LigerFusedLinearCrossEntropyFunction.apply
+        def liger_linear_ce(hidden, weight, labels):
+            out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels)
+            return out[0] if isinstance(out, tuple) else out  # 0.8.x returns (loss, z_loss, ...)
+
+        ops["linear_ce"] = liger_linear_ce
     except Exception:
         pass
     return ops
