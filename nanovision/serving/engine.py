@@ -280,6 +280,11 @@ def benchmark_throughput(engine: NanoVisionEngine, num_prompts: int = 32, prompt
     elapsed = time.perf_counter() - start
     output_tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
     latencies = _request_latencies(outputs)
+    latency = sum(latencies) / len(latencies) if latencies else elapsed
+    return throughput_row(num_prompts, prompt_len, max_tokens, elapsed, output_tokens, latency)
+
+
+def throughput_row(num_prompts, prompt_len, max_tokens, elapsed, output_tokens, latency) -> dict[str, float]:
     return {
         "num_prompts": num_prompts,
         "prompt_len": prompt_len,
@@ -288,7 +293,7 @@ def benchmark_throughput(engine: NanoVisionEngine, num_prompts: int = 32, prompt
         "output_tokens": output_tokens,
         "output_tokens_per_s": output_tokens / elapsed,
         "requests_per_s": num_prompts / elapsed,
-        "latency_s": sum(latencies) / len(latencies) if latencies else elapsed,
+        "latency_s": latency,
         "batch_latency_s": elapsed,
     }
 
@@ -321,17 +326,8 @@ def hf_generate_throughput(model_path, num_prompts: int = 32, prompt_len: int = 
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     output_tokens = int((out.shape[1] - prompt_len) * num_prompts)
-    return {
-        "num_prompts": num_prompts,
-        "prompt_len": prompt_len,
-        "max_tokens": max_tokens,
-        "elapsed_s": elapsed,
-        "output_tokens": output_tokens,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "requests_per_s": num_prompts / elapsed,
-        "latency_s": elapsed,  # one batch: every request finishes with it
-        "batch_latency_s": elapsed,
-    }
+    # one batch: every request finishes with it
+    return throughput_row(num_prompts, prompt_len, max_tokens, elapsed, output_tokens, latency=elapsed)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
