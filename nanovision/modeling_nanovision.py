@@ -699,15 +699,21 @@ class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, Ge
     def from_pretrained_components(cls, text: str, vision: str, **config_kwargs) -> "NanoVisionForConditionalGeneration":
         """Assemble a VLM from a nanovision text checkpoint and a SigLIP checkpoint (a SiglipModel or
         SiglipVisionModel folder or Hub id); the connector starts freshly initialised."""
-        language = NanoVisionForCausalLM.from_pretrained(text)
         vision_config = SiglipVisionConfig.from_pretrained(vision)
         vision_config.vision_use_head = False
         tower = SiglipVisionModel.from_pretrained(vision, config=vision_config)
-        config = NanoVisionConfig(text_config=language.config, vision_config=tower.config, **config_kwargs)
-        model = cls(config)
+        model = cls.from_text_model(NanoVisionForCausalLM.from_pretrained(text), tower.config, **config_kwargs)
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+        return model
+
+    @classmethod
+    def from_text_model(cls, language: NanoVisionForCausalLM, vision_config: SiglipVisionConfig,
+                        **config_kwargs) -> "NanoVisionForConditionalGeneration":
+        """A VLM around a trained nanovision text model; the vision tower and the connector start freshly
+        initialised."""
+        model = cls(NanoVisionConfig(text_config=language.config, vision_config=vision_config, **config_kwargs))
         model.model.language_model.load_state_dict(language.model.state_dict())
         model.lm_head.load_state_dict(language.lm_head.state_dict())
-        model.model.vision_tower.load_state_dict(tower.state_dict())
         return model
 
     @can_return_tuple

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from nanovision.training import trainer as trainer_module
 from nanovision.training.data import load_stage_dataset, tokenize_for_stage
-from nanovision.training.stages import StageArguments, run_stage
+from nanovision.training.stages import StageArguments, build_model, run_stage
 from nanovision.training.trainer import NonFiniteLossError
 
 TINY = dict(builtin_train_size=120, pack_max_length=256, device_batch_size=2, depth=2, head_dim=32, vocab_size=400,
@@ -61,6 +61,21 @@ def test_stages_train_only_their_modules(pipeline):
     assert torch.equal(sft_weights[tower], vision_weights[tower])
     projector = "model.multi_modal_projector.linear_1.weight"
     assert not torch.equal(sft_weights[projector], vision_weights[projector])
+
+
+def test_vision_stage_honours_use_fused_kernels_with_either_tower(pipeline, tmp_path):
+    from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
+
+    from conftest import TINY_VISION
+
+    base = pipeline[0]
+    SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "siglip")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    for vision_model in (None, str(tmp_path / "siglip")):
+        model = build_model(stage(tmp_path, "vision", model=str(base), vision_model=vision_model,
+                                  use_fused_kernels=True), tokenizer)
+        assert model.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy"), vision_model
+        assert model.config.text_config.use_fused_kernels is True
 
 
 def test_quickstart_evaluation_runs_on_the_pipeline(pipeline, capsys):
@@ -171,7 +186,7 @@ def test_two_process_ddp_matches_one_process_at_same_global_batch(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\n"
-        "from nanovision.training.stages import StageArguments, run_stage\n"
+        "from nanovision.training.stages import StageArguments, build_model, run_stage\n"
         f"settings = {TINY!r}\n"
         # SGD: Adam's first steps turn float-rounding-sized gradients into full-size updates, which would hide
         # whether the two runs really train on the same global batch with the same loss scaling

@@ -133,19 +133,20 @@ def build_model(args: StageArguments, tokenizer):
                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     if args.vision_model:
         model = NanoVisionForConditionalGeneration.from_pretrained_components(args.model, args.vision_model, **connector)
-        model.set_attn_implementation(args.attn_implementation)
-        return model
-    vision_config = SiglipVisionConfig(
-        image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
-        intermediate_size=4 * args.vision_hidden_size, num_hidden_layers=args.vision_layers,
-        num_attention_heads=args.vision_heads,
-    )
-    language = AutoModelForCausalLM.from_pretrained(args.model)
-    start.use_fused_kernels = args.use_fused_kernels
-    model = AutoModelForImageTextToText.from_config(
-        NanoVisionConfig(text_config=start, vision_config=vision_config, **connector), **kwargs)
-    model.model.language_model.load_state_dict(language.model.state_dict())
-    model.lm_head.load_state_dict(language.lm_head.state_dict())
+    else:
+        vision_config = SiglipVisionConfig(
+            image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_hidden_size,
+            intermediate_size=4 * args.vision_hidden_size, num_hidden_layers=args.vision_layers,
+            num_attention_heads=args.vision_heads,
+        )
+        model = NanoVisionForConditionalGeneration.from_text_model(AutoModelForCausalLM.from_pretrained(args.model),
+                                                                   vision_config, **connector)
+    model.set_attn_implementation(args.attn_implementation)
+    if args.use_fused_kernels:  # recorded in the config, so the saved checkpoint loads with them too
+        from ..kernels import apply_fused_kernels
+
+        model.config.text_config.use_fused_kernels = True
+        apply_fused_kernels(model)
     return model
 
 
