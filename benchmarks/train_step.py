@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import nanovision
 from nanovision.kernels import describe_backends
+from nanovision.training.trainer import flops_per_token
 
 SHAPE = dict(layers=20, hidden=1280, heads=10, kv_heads=5, head_dim=128, ffn=3456, vocab=50304, seq=2048, batch=8)
 SMOKE = dict(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=640, vocab=1024, seq=256, batch=2)
@@ -59,12 +60,6 @@ VARIANTS = {
     "nanovision nanochat-block, best": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
                                         SDPBackend.CUDNN_ATTENTION, True),
 }
-
-
-def flops_per_token(model, s):
-    """6 x non-embedding parameters (matmuls, forward + backward) + causal attention (half of 12 L H D T)."""
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    return 6 * params + 6 * s["layers"] * s["heads"] * s["head_dim"] * s["seq"]
 
 
 def matmul_tflops(device):
@@ -137,7 +132,7 @@ def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup):
     build, backend, compiled = VARIANTS[name]
     torch.manual_seed(0)
     model = build(s).to(device).train()
-    fpt = flops_per_token(model, s)
+    fpt = flops_per_token(model, s["seq"])
     runner = torch.compile(model) if compiled else model
     seconds, peak_gib, loss = time_steps(runner, batch, backend, steps, warmup)
     tokens_per_s = useful_tokens / seconds

@@ -25,11 +25,12 @@ def default_peak_flops() -> float | None:
 
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token of the language model (forward + backward): 6 per non-embedding parameter plus
-    the attention scores, as in nanochat. The vision tower is not counted."""
+    causal attention (half of nanochat's 12 L H D T, since a causal token attends on average to half the
+    sequence). The vision tower is not counted. benchmarks/train_step.py reports TFLOP/s and MFU with this."""
     config = model.config.get_text_config()
     language_params = sum(p.numel() for name, p in model.named_parameters()
                           if "vision_tower" not in name and "embed_tokens" not in name)
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    attention = 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6 * language_params + attention
 
 
