@@ -72,10 +72,14 @@ class NanoVisionTextConfig(PretrainedConfig):
     base_config_key = "text_config"
     keys_to_ignore_at_inference = ["past_key_values"]
     default_theta = 10000.0
+    # Tensor parallel (transformers' tp_plan, vLLM's Transformers backend): heads and MLP channels split across ranks.
+    # Learnable QK-norm weights act on each rank's own heads, so their gradients are partial sums: all-reduced.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",

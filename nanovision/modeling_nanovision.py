@@ -554,6 +554,13 @@ class NanoVisionMultimodalPreTrainedModel(NanoVisionPreTrainedModel):
     input_modalities = ("image", "text")
     _no_split_modules = ["NanoVisionDecoderLayer", "SiglipEncoderLayer"]
 
+    def post_init(self):
+        super().post_init()
+        # post_init adds the children's _no_split_modules, and SigLIP's names classes of the whole SigLIP model (text
+        # embeddings, pooling head) that this one lacks; Accelerate's FSDP auto-wrap reads this list and fails on a
+        # class it cannot find.
+        self._no_split_modules = self._no_split_modules & {type(module).__name__ for module in self.modules()}
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, NanoVisionPerceiverConnector):

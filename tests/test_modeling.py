@@ -1,12 +1,29 @@
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize, run_without_nanovision, tiny_text_config
+from conftest import (
+    randomize,
+    run_without_nanovision,
+    tiny_text_config,
+    tiny_vlm_config,
+)
+from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import nanovision
-from nanovision import NanoVisionForCausalLM, NanoVisionTextConfig, NanoVisionTextModel
+from nanovision import (
+    NanoVisionForCausalLM,
+    NanoVisionForConditionalGeneration,
+    NanoVisionTextConfig,
+    NanoVisionTextModel,
+)
+from nanovision.modeling_nanovision import NanoVisionDecoderLayer
 
 BLOCKS = {
     "llama": dict(),
@@ -242,3 +259,54 @@ print(type(base).__name__)
     stdout = run_without_nanovision(code, no_nanovision_env, cwd=tmp_path).strip().splitlines()
     assert stdout[-2] == str(expected.tolist())
     assert stdout[-1] == "NanoVisionTextModel"
+
+
+# ---------------------------------------------------------------- tensor parallelism
+
+TP_STYLES = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "gate_proj": "colwise",
+             "up_proj": "colwise", "o_proj": "rowwise", "down_proj": "rowwise"}
+
+
+def tp_rules(plan, name):
+    """The plan's rules for a module name, '*' standing for a layer index as transformers reads them (vLLM's
+    Transformers backend matches the same patterns, as regexes, against the base model's module names)."""
+    return [pattern for pattern in plan if re.fullmatch(re.escape(pattern).replace(r"\*", r"\d+"), name)]
+
+
+def test_tensor_parallel_plan_covers_every_linear_of_the_decoder_layers():
+    planned, used = set(), set()
+    for block in ("llama", "nanochat", "qwen"):
+        vlm = NanoVisionForConditionalGeneration(tiny_vlm_config(tiny_text_config(**BLOCKS[block])))
+        for model in (build(block), vlm):
+            base = model.model  # what vLLM shards, by base.tp_plan
+            modules = dict(base.named_modules())
+            layers = tuple(f"{name}." for name, module in modules.items()
+                           if isinstance(module, NanoVisionDecoderLayer))
+            linears = [name for name, module in modules.items()
+                       if isinstance(module, nn.Linear) and name.startswith(layers)]
+            assert len(linears) >= 2 * len(layers), block
+            for name in linears:  # a new linear in the block must be added to the plan, and to TP_STYLES
+                rules = tp_rules(base.tp_plan, name)
+                assert len(rules) == 1 and base.tp_plan[rules[0]] == TP_STYLES[name.rsplit(".", 1)[-1]], name
+            planned.update(base.tp_plan)
+            used.update(rule for name in modules for rule in tp_rules(base.tp_plan, name))
+            assert model.tp_plan["lm_head"] == "colwise_gather_output"
+    assert used == planned  # and no rule names a module that no block has
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_tensor_parallel_two_processes_match_one(tmp_path):
+    """transformers' tp_size=2 on 2 gloo processes gives the unsharded logits and gradients (tests/
+    tensor_parallel_run.py): untied, tied + learnable QK-norm + biases, nanochat's block, and a VLM."""
+    checkpoints = []
+    for block in ("llama", "qwen", "nanochat"):
+        build(block).save_pretrained(tmp_path / block)
+        checkpoints.append(tmp_path / block)
+    randomize(NanoVisionForConditionalGeneration(tiny_vlm_config(tiny_text_config(**BLOCKS["qwen"])))).save_pretrained(
+        tmp_path / "vlm")
+    checkpoints.append(tmp_path / "vlm")
+    script = Path(__file__).with_name("tensor_parallel_run.py")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          *map(str, checkpoints)], check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]

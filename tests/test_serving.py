@@ -65,6 +65,29 @@ def test_plugin_registers_both_architectures():
     assert {"NanoVisionForCausalLM", "NanoVisionForConditionalGeneration"} <= set(ModelRegistry.get_supported_archs())
 
 
+def test_model_classes_keep_vllms_bases_and_set_the_logit_softcap():
+    from vllm.model_executor.models import transformers as backend
+
+    from nanovision.serving import vllm_models
+    from nanovision.serving.vllm_models import LogitSoftcapMixin
+
+    for name in ("TransformersForCausalLM", "TransformersMultiModalForCausalLM"):
+        cls = getattr(vllm_models, name)
+        assert cls.__name__ == name and issubclass(cls, LogitSoftcapMixin)
+        assert set(getattr(backend, name).__bases__) <= set(cls.__mro__)
+
+    class Backend:  # vLLM 0.26's CausalMixin leaves soft_cap unset, 0.32's sets it from the text config
+        def __init__(self, *, vllm_config, prefix=""):
+            self.text_config = SimpleNamespace(final_logit_softcapping=15.0)
+            self.logits_processor = SimpleNamespace(soft_cap=vllm_config)
+
+    class Model(LogitSoftcapMixin, Backend):
+        pass
+
+    assert Model(vllm_config=None).logits_processor.soft_cap == 15.0
+    assert Model(vllm_config=30.0).logits_processor.soft_cap == 30.0
+
+
 def test_cli_text_model_batch_file_subprocess(checkpoints, tmp_path):
     """`nanovision infer` on the text (nanochat-block) checkpoint, in its own process: the vllm.general_plugins
     entry point alone makes vLLM serve the architecture. top_k 1 at temperature 1.3 must equal greedy."""

@@ -181,31 +181,77 @@ def test_throughput_and_mfu_are_logged(tmp_path, monkeypatch):
     assert final.exists()
 
 
+REPO = Path(__file__).resolve().parents[1]
+# SGD: Adam's first steps turn float-rounding-sized gradients into full-size updates, which would hide whether two
+# runs really train on the same global batch with the same loss scaling.
+SGD = {"optim": "sgd", "learning_rate": 0.5, "warmup": 0, "max_steps": 3, "save_steps": 3}
+
+
+def train_stage(output_dir, stage_name, settings, accelerate_config=None, *launch_flags):
+    """tests/distributed_stage.py with python, or under `accelerate launch` with a config from examples/accelerate
+    (2 processes). On a machine without GPUs a MULTI_GPU or FSDP config starts gloo processes (`--cpu` would run
+    one); --mixed_precision no because the configs' bf16 would autocast on CPU where the 1-process run does not."""
+    command = [sys.executable]
+    if accelerate_config:
+        command += ["-m", "accelerate.commands.launch", "--mixed_precision", "no", *launch_flags,
+                    "--config_file", str(REPO / "examples" / "accelerate" / accelerate_config)]
+    script = Path(__file__).with_name("distributed_stage.py")
+    out = subprocess.run([*command, str(script), str(output_dir), stage_name, json.dumps(settings)], check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return output_dir
+
+
+def assert_same_training(single, double):
+    one, two = losses(single / "checkpoint-3"), losses(double / "checkpoint-3")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    assert one[3] < one[1] - 0.01  # the steps really trained
+
+
+def assert_final_is_the_trained_model(run, auto_class, folders=("final",)):
+    trained = torch.load(run / "trained_logits.pt")
+    for folder in folders:
+        model = auto_class.from_pretrained(run / folder)
+        with torch.no_grad():
+            logits = model(**trained["inputs"]).logits
+        torch.testing.assert_close(logits, trained["logits"], rtol=1e-5, atol=1e-5, msg=lambda m, f=folder: f"{f}: {m}")
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_two_process_ddp_matches_one_process_at_same_global_batch(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(
-        "import sys\n"
-        "from nanovision.training.stages import StageArguments, build_model, run_stage\n"
-        f"settings = {TINY!r}\n"
-        # SGD: Adam's first steps turn float-rounding-sized gradients into full-size updates, which would hide
-        # whether the two runs really train on the same global batch with the same loss scaling
-        "settings.update(device_batch_size=int(sys.argv[2]), max_steps=3, save_steps=3, optim='sgd', "
-        "learning_rate=0.5, warmup=0)\n"
-        "run_stage(StageArguments(stage='base', output_dir=sys.argv[1], **settings))\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # On a machine without GPUs, --multi_gpu starts the processes with torch.distributed and accelerate picks gloo;
-    # --cpu would silently run a single process.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for procs, batch in ((1, 4), (2, 2)):
-        command = [*launch, "--num_processes", "2"] if procs == 2 else [sys.executable]
-        out = subprocess.run([*command, str(script), str(tmp_path / f"p{procs}"), str(batch)], env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-    single, double = losses(tmp_path / "p1" / "checkpoint-3"), losses(tmp_path / "p2" / "checkpoint-3")
-    assert sorted(single) == sorted(double) == [1, 2, 3]
-    for step in single:
-        assert double[step] == pytest.approx(single[step], rel=1e-4), step
-    assert single[3] < single[1] - 0.01  # the steps really trained
+    from transformers import AutoModelForCausalLM
+
+    single = train_stage(tmp_path / "p1", "base", {**TINY, **SGD, "device_batch_size": 4})
+    double = train_stage(tmp_path / "p2", "base", {**TINY, **SGD, "device_batch_size": 2}, "ddp.yaml")
+    assert_same_training(single, double)
+    assert_final_is_the_trained_model(double, AutoModelForCausalLM)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_process_fsdp2_matches_one_process_and_exports_plain_checkpoints(tmp_path):
+    """examples/accelerate/fsdp2.yaml on 2 gloo processes (tests/distributed_stage.py lets Accelerate run FSDP on
+    CPU): the base stage, then SFT with images, packing, a frozen vision tower, its own connector learning rate and
+    sharded checkpoints. Each trains as one process at the same global batch does, and <output_dir>/final is the
+    trained model for plain from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    base = {**TINY, **SGD}
+    single = train_stage(tmp_path / "base1", "base", {**base, "device_batch_size": 4})
+    double = train_stage(tmp_path / "base2", "base", {**base, "device_batch_size": 2}, "fsdp2.yaml")
+    assert_same_training(single, double)
+    assert_final_is_the_trained_model(double, AutoModelForCausalLM, folders=("final", "checkpoint-3"))
+    # the export is the model's own class and remote code, not torch's generated FSDP class and source files
+    assert sorted(p.name for p in (double / "final").iterdir()) == sorted(p.name for p in (single / "final").iterdir())
+
+    vlm = run_stage(stage(tmp_path, "vision", model=str(single / "final"), max_steps=1))
+    sft = {**TINY, **SGD, "model": str(vlm), "train_modules": "connector,language_model", "connector_lr": 0.05,
+           "builtin_train_size": 200}  # >= 3 global batches of packed rows: no wrapped-around last batch
+    single = train_stage(tmp_path / "sft1", "sft", {**sft, "device_batch_size": 4})
+    double = train_stage(tmp_path / "sft2", "sft", {**sft, "device_batch_size": 2}, "fsdp2.yaml",
+                         "--fsdp_state_dict_type", "SHARDED_STATE_DICT")
+    assert_same_training(single, double)
+    assert_final_is_the_trained_model(double, AutoModelForImageTextToText)
+    assert json.loads((double / "final" / "config.json").read_text())["auto_map"] == json.loads(
+        (single / "final" / "config.json").read_text())["auto_map"]

@@ -132,6 +132,14 @@ def test_freeze_helpers():
     assert model.lm_head.weight.requires_grad and not next(model.model.vision_tower.parameters()).requires_grad
 
 
+@pytest.mark.parametrize("connector", ["pixel_shuffle", "perceiver"])
+def test_no_split_modules_name_only_blocks_the_model_has(connector):
+    # Accelerate's FSDP auto-wrap (examples/accelerate/fsdp2.yaml) wraps these classes and fails on a missing one
+    model = build(connector)
+    present = {type(module).__name__ for module in model.modules()}
+    assert {"NanoVisionDecoderLayer", "SiglipEncoderLayer"} <= set(model._no_split_modules) <= present
+
+
 def test_save_load_and_auto_classes(tmp_path):
     model = build("perceiver")
     model.save_pretrained(tmp_path)

@@ -7,14 +7,16 @@ our `AutoModel` (importing nanovision registers it, so no remote code is needed)
 through transformers' attention interface, and its parallel linears and embedding.
 
 Without nanovision installed, `vllm serve CKPT --trust-remote-code` reaches the same backend through the checkpoint's
-remote code (config.json's auto_map names the base models), with vLLM's unmodified multimodal processor.
+remote code (config.json's auto_map names the base models), with vLLM's unmodified classes: its own multimodal
+processor, and on vLLM 0.26 no logit soft cap.
 """
 
 # config.json "architectures" -> vLLM Transformers-backend class, as lazy "module:Class" strings: registering imports
-# nothing heavy (and never initialises CUDA in the parent process). The VLM's class is vLLM's own one rebuilt with a
-# multimodal processor that answers a placeholder/image count mismatch with a ValueError (see vllm_models.py).
+# nothing heavy (and never initialises CUDA in the parent process). Both are vLLM's own classes rebuilt to apply the
+# logit soft cap on every vLLM version; the VLM's also gets a multimodal processor that answers a placeholder/image
+# count mismatch with a ValueError (see vllm_models.py).
 ARCHITECTURES = {
-    "NanoVisionForCausalLM": "vllm.model_executor.models.transformers:TransformersForCausalLM",
+    "NanoVisionForCausalLM": "nanovision.serving.vllm_models:TransformersForCausalLM",
     "NanoVisionForConditionalGeneration": "nanovision.serving.vllm_models:TransformersMultiModalForCausalLM",
 }
 

@@ -1,10 +1,15 @@
-"""The vLLM model class the plugin registers for nanovision's vision-language architecture.
+"""The vLLM model classes the plugin registers for nanovision's architectures.
 
-It is vLLM's own Transformers-backend multimodal class, built from the same bases under the same name (so vLLM
-still treats it as the Transformers backend), with one change: its multimodal processor rejects a prompt whose
-`<image>` placeholders do not match its images with a ValueError, which the OpenAI server answers with HTTP 400.
-vLLM 0.32's cached processing path otherwise trips an assertion on a prompt with more images than placeholders
-(HTTP 500). Imported lazily by vLLM (never by `import nanovision`).
+Each is vLLM's own Transformers-backend class, built from the same bases under the same name (so vLLM still treats it
+as the Transformers backend), with two changes:
+
+- the logits get the text config's `final_logit_softcapping`. vLLM 0.32's `CausalMixin` gives it to its logits
+  processor; 0.26's leaves it out, so sampling and logprobs would see uncapped logits (greedy tokens are the same).
+- the vision-language class's multimodal processor rejects a prompt whose `<image>` placeholders do not match its
+  images with a ValueError, which the OpenAI server answers with HTTP 400. vLLM 0.32's cached processing path
+  otherwise trips an assertion on a prompt with more images than placeholders (HTTP 500).
+
+Imported lazily by vLLM (never by `import nanovision`).
 """
 
 from vllm.model_executor.models import transformers as backend
@@ -39,13 +44,27 @@ class NanoVisionMultiModalProcessor(MultiModalProcessor):
         return super().apply(inputs, *args, **kwargs)
 
 
-_Backend = backend.TransformersMultiModalForCausalLM
+class LogitSoftcapMixin:
+    """Sets the logits processor's soft cap from the text config where vLLM's `CausalMixin` did not (0.26)."""
 
-# Same bases and name as vLLM's class: `get_language_model` and `ModelConfig.using_transformers_backend` keep working.
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        logits_processor = getattr(self, "logits_processor", None)  # none on a pipeline stage without the head
+        if logits_processor is not None and logits_processor.soft_cap is None:
+            logits_processor.soft_cap = getattr(self.text_config, "final_logit_softcapping", None)
+
+
+# Same bases and names as vLLM's classes (plus the mixin, which `get_language_model` leaves out as it is not in
+# vllm.model_executor.models.transformers): `ModelConfig.using_transformers_backend` keeps working.
+class TransformersForCausalLM(LogitSoftcapMixin, *backend.TransformersForCausalLM.__bases__):
+    """vLLM's Transformers-backend text class with the logit soft cap."""
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     NanoVisionMultiModalProcessor, info=MultiModalProcessingInfo, dummy_inputs=MultiModalDummyInputsBuilder
 )
-class TransformersMultiModalForCausalLM(*_Backend.__bases__):
-    """vLLM's Transformers-backend multimodal class with `NanoVisionMultiModalProcessor`."""
+class TransformersMultiModalForCausalLM(LogitSoftcapMixin, *backend.TransformersMultiModalForCausalLM.__bases__):
+    """vLLM's Transformers-backend multimodal class with the logit soft cap and `NanoVisionMultiModalProcessor`."""
 
-__all__ = ["TransformersMultiModalForCausalLM", "NanoVisionMultiModalProcessor", "count_placeholders"]
+__all__ = ["TransformersForCausalLM", "TransformersMultiModalForCausalLM", "NanoVisionMultiModalProcessor",
+           "count_placeholders"]

@@ -208,16 +208,18 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
     final = Path(args.output_dir) / "final"
-    trainer.save_model(final)
-    (processor or tokenizer).save_pretrained(final)
-    settings = {"stage": args.stage, "train_modules": args.train_modules, "steps": trainer.state.global_step,
-                "train_loss": round(result.training_loss, 4), "packing": stats.summary(),
-                **{key: value for key, value in asdict(args).items() if key in (
-                    "device_batch_size", "gradient_accumulation_steps", "pack_max_length", "learning_rate",
-                    "lm_lr", "connector_lr", "vision_lr", "attn_implementation", "use_fused_kernels")}}
-    (final / "training_settings.json").write_text(json.dumps(settings, indent=2))
-    write_model_card(final, base_model=args.model, datasets=[args.dataset], stage=args.stage, settings=settings)
-    if args.push_to_hub:
-        push_folder_to_hub(final, args.hub_model_id)
-    logger.info("%s stage done: %s", args.stage, final)
+    trainer.save_model(final)  # on every rank: gathering FSDP-sharded weights is collective
+    if trainer.args.should_save:  # the rest once, from the main process (an upload per rank would repeat it)
+        (processor or tokenizer).save_pretrained(final)
+        settings = {"stage": args.stage, "train_modules": args.train_modules, "steps": trainer.state.global_step,
+                    "train_loss": round(result.training_loss, 4), "packing": stats.summary(),
+                    **{key: value for key, value in asdict(args).items() if key in (
+                        "device_batch_size", "gradient_accumulation_steps", "pack_max_length", "learning_rate",
+                        "lm_lr", "connector_lr", "vision_lr", "attn_implementation", "use_fused_kernels")}}
+        (final / "training_settings.json").write_text(json.dumps(settings, indent=2))
+        write_model_card(final, base_model=args.model, datasets=[args.dataset], stage=args.stage, settings=settings)
+        if args.push_to_hub:
+            push_folder_to_hub(final, args.hub_model_id)
+        logger.info("%s stage done: %s", args.stage, final)
+    trainer.accelerator.wait_for_everyone()  # every rank may read the folder next (e.g. the next stage)
     return final

@@ -1,5 +1,5 @@
-"""HF Trainer glue: per-module learning rates, a non-finite-loss guard, throughput/MFU logging, the exported
-checkpoint folder with its model card, and the Hub upload."""
+"""HF Trainer glue: per-module learning rates, a non-finite-loss guard, throughput/MFU logging, saving from FSDP, the
+exported checkpoint folder with its model card, and the Hub upload."""
 
 import logging
 import time
@@ -40,8 +40,8 @@ class NonFiniteLossError(RuntimeError):
 
 class NanoVisionTrainer(Trainer):
     """`Trainer` with a learning rate per model part (vision tower / connector / language model), a guard that
-    stops on a NaN/inf loss before the optimizer step (so no checkpoint with broken weights is ever written), and
-    tokens/s + MFU in the logs."""
+    stops on a NaN/inf loss before the optimizer step (so no checkpoint with broken weights is ever written),
+    tokens/s + MFU in the logs, and FSDP saves that load with plain `from_pretrained`."""
 
     def __init__(self, *args, part_learning_rates: dict[str, float] | None = None, peak_flops: float | None = None,
                  seq_len: int = 2048, **kwargs):
@@ -85,6 +85,31 @@ class NanoVisionTrainer(Trainer):
                 f"resume with --resume_from_checkpoint."
             )
         return loss
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        # With FSDP's SHARDED_STATE_DICT, Trainer writes no weights here (checkpoints keep the sharded state for
+        # resuming): an exported model still gets the gathered full weights. Collective: every rank calls it.
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if plugin is not None and not _internal_call and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            state_dict = self.accelerator.get_state_dict(self.model)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
+            return
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # FSDP2 turns the model into an instance of a generated FSDP<Name>(FSDPModule, <Name>) class; saved as such,
+        # save_pretrained would copy torch's FSDP source files as the remote code and name FSDP<Name> in
+        # config.json's auto_map. Save it as <Name> (the state dict is already gathered).
+        model, saved_class = self.model, type(self.model)
+        if self.is_fsdp_enabled:
+            from torch.distributed.fsdp import FSDPModule
+
+            model.__class__ = next(cls for cls in saved_class.__mro__ if not issubclass(cls, FSDPModule))
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__class__ = saved_class
 
     def log(self, logs, *args, **kwargs):
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen

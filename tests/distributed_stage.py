@@ -1,0 +1,74 @@
+"""One training stage for the multi-process tests, run with `python` or `accelerate launch`:
+
+    distributed_stage.py OUTPUT_DIR STAGE '{"StageArguments field": value, ...}'
+
+Besides `run_stage`'s output it writes OUTPUT_DIR/trained_logits.pt: fixed inputs and the logits of the model as
+trained (still wrapped by DDP/FSDP), for comparison with what `from_pretrained` makes of OUTPUT_DIR/final.
+"""
+
+import json
+import os
+import sys
+
+import accelerate.state
+import torch
+from accelerate.utils import DistributedType
+from transformers import TrainerCallback
+
+from nanovision.training.stages import StageArguments, run_stage
+
+
+def allow_fsdp_on_cpu():
+    """Accelerate (1.15) turns ACCELERATE_USE_FSDP into an FSDP run only on accelerator devices: on a CPU-only
+    machine AcceleratorState keeps MULTI_CPU and drops the FSDP plugin, so a `distributed_type: FSDP` config quietly
+    trains with gloo DDP. torch's fully_shard runs on CPU with gloo; give Accelerate the FSDP state it would set up
+    on GPUs, so the Trainer + Accelerate FSDP2 path runs here."""
+    init = accelerate.state.AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    accelerate.state.AcceleratorState.__init__ = __init__
+
+
+def probe_inputs(config):
+    generator = torch.Generator().manual_seed(0)
+    text = config.get_text_config()
+    input_ids = torch.randint(3, text.vocab_size, (2, 20), generator=generator)
+    if not hasattr(config, "vision_config"):
+        return {"input_ids": input_ids}
+    input_ids[input_ids == config.image_token_id] = 3
+    image = torch.full((2, config.num_image_tokens), config.image_token_id)
+    size = config.vision_config.image_size
+    return {"input_ids": torch.cat([image, input_ids], dim=1),
+            "pixel_values": torch.randn(2, 3, size, size, generator=generator)}
+
+
+class SaveTrainedLogits(TrainerCallback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if os.environ.get("ACCELERATE_USE_FSDP") == "true":  # launched with an FSDP config: no quiet DDP fallback
+            from torch.distributed.fsdp import FSDPModule
+
+            assert isinstance(model, FSDPModule), f"FSDP launch, but the model is a {type(model).__name__}"
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        inputs = probe_inputs(model.config)
+        model.eval()
+        with torch.no_grad():  # on every rank: FSDP gathers each unit's weights in the forward
+            logits = model(**inputs).logits
+        if state.is_world_process_zero:
+            torch.save({"inputs": inputs, "logits": logits}, self.path)
+
+
+if __name__ == "__main__":
+    output_dir, stage, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    allow_fsdp_on_cpu()
+    run_stage(StageArguments(stage=stage, output_dir=output_dir, **settings),
+              callbacks=[SaveTrainedLogits(f"{output_dir}/trained_logits.pt")])
