@@ -76,3 +76,18 @@ def tiny_vlm_config(text=None, **overrides):
                     perceiver_num_queries=4, perceiver_num_heads=2, image_token_id=6)
     settings.update(overrides)
     return NanoVisionConfig(**settings)
+
+
+def probe_inputs(config):
+    """Fixed inputs for comparing two copies of a model (text or VLM): 2 rows of random ids, and for a VLM an image
+    block in front of each row with its pixel values."""
+    generator = torch.Generator().manual_seed(0)
+    text = config.get_text_config()
+    input_ids = torch.randint(3, text.vocab_size, (2, 20), generator=generator)
+    if not hasattr(config, "vision_config"):
+        return {"input_ids": input_ids}
+    input_ids[input_ids == config.image_token_id] = 3
+    image = torch.full((2, config.num_image_tokens), config.image_token_id)
+    size = config.vision_config.image_size
+    return {"input_ids": torch.cat([image, input_ids], dim=1),
+            "pixel_values": torch.randn(2, 3, size, size, generator=generator)}

@@ -13,6 +13,7 @@ import sys
 import accelerate.state
 import torch
 from accelerate.utils import DistributedType
+from conftest import probe_inputs
 from transformers import TrainerCallback
 
 from nanovision.training.stages import StageArguments, run_stage
@@ -33,19 +34,6 @@ def allow_fsdp_on_cpu():
             accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     accelerate.state.AcceleratorState.__init__ = __init__
-
-
-def probe_inputs(config):
-    generator = torch.Generator().manual_seed(0)
-    text = config.get_text_config()
-    input_ids = torch.randint(3, text.vocab_size, (2, 20), generator=generator)
-    if not hasattr(config, "vision_config"):
-        return {"input_ids": input_ids}
-    input_ids[input_ids == config.image_token_id] = 3
-    image = torch.full((2, config.num_image_tokens), config.image_token_id)
-    size = config.vision_config.image_size
-    return {"input_ids": torch.cat([image, input_ids], dim=1),
-            "pixel_values": torch.randn(2, 3, size, size, generator=generator)}
 
 
 class SaveTrainedLogits(TrainerCallback):

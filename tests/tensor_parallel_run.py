@@ -5,22 +5,11 @@ lm_head plan) must give the logits and the gradients of the same checkpoint load
 import sys
 
 import torch
+from conftest import probe_inputs
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.distributed import DistributedConfig
 
 import nanovision  # noqa: F401  (registers the Auto classes)
-
-
-def probe_inputs(config):
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(7, config.get_text_config().vocab_size, (2, 12), generator=generator)
-    if not hasattr(config, "vision_config"):
-        return {"input_ids": input_ids, "labels": input_ids}
-    image = torch.full((2, config.num_image_tokens), config.image_token_id)
-    size = config.vision_config.image_size
-    input_ids = torch.cat([image, input_ids], dim=1)
-    return {"input_ids": input_ids, "labels": input_ids,
-            "pixel_values": torch.randn(2, 3, size, size, generator=generator)}
 
 
 def logits_and_grads(model, inputs):
@@ -35,6 +24,7 @@ def check(path):
     config = AutoConfig.from_pretrained(path)
     auto_class = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     inputs = probe_inputs(config)
+    inputs["labels"] = inputs["input_ids"]
     expected_logits, expected_grads = logits_and_grads(auto_class.from_pretrained(path), inputs)
     model = auto_class.from_pretrained(path, distributed_config=DistributedConfig(tp_size=2))
     q_proj = model.get_decoder().layers[0].self_attn.q_proj.weight

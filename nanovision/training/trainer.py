@@ -87,15 +87,13 @@ class NanoVisionTrainer(Trainer):
         return loss
 
     def save_model(self, output_dir=None, _internal_call=False):
-        # With FSDP's SHARDED_STATE_DICT, Trainer writes no weights here (checkpoints keep the sharded state for
-        # resuming): an exported model still gets the gathered full weights. Collective: every rank calls it.
-        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
-        if plugin is not None and not _internal_call and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
-            state_dict = self.accelerator.get_state_dict(self.model)
-            if self.args.should_save:
-                self._save(output_dir, state_dict=state_dict)
-            return
-        super().save_model(output_dir, _internal_call)
+        # An export (not a checkpoint) under FSDP always gets the gathered full weights: Trainer gathers them only with
+        # FULL_STATE_DICT and writes none here with SHARDED_STATE_DICT. Collective: every rank calls it.
+        if not self.is_fsdp_enabled or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
 
     def _save(self, output_dir=None, state_dict=None):
         # FSDP2 turns the model into an instance of a generated FSDP<Name>(FSDPModule, <Name>) class; saved as such,
