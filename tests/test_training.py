@@ -9,11 +9,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
+from nanovision.data import shapes
+from nanovision.processing_nanovision import NanoVisionImageProcessor
 from nanovision.training import trainer as trainer_module
 from nanovision.training.data import load_stage_dataset, tokenize_for_stage
-from nanovision.training.stages import StageArguments, build_model, run_stage
+from nanovision.training.stages import StageArguments, build_model, build_processor, run_stage
 from nanovision.training.trainer import NonFiniteLossError
 
 TINY = dict(builtin_train_size=120, pack_max_length=256, device_batch_size=2, depth=2, head_dim=32, vocab_size=400,
@@ -64,9 +66,8 @@ def test_stages_train_only_their_modules(pipeline):
 
 
 def test_vision_stage_honours_use_fused_kernels_with_either_tower(pipeline, tmp_path):
-    from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
-
     from conftest import TINY_VISION
+    from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
 
     base = pipeline[0]
     SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "siglip")
@@ -255,3 +256,57 @@ def test_two_process_fsdp2_matches_one_process_and_exports_plain_checkpoints(tmp
     assert_final_is_the_trained_model(double, AutoModelForImageTextToText)
     assert json.loads((double / "final" / "config.json").read_text())["auto_map"] == json.loads(
         (single / "final" / "config.json").read_text())["auto_map"]
+
+
+def test_tower_pretraining_trains_tower_and_connector_only(tmp_path):
+    from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective
+
+    base = run_stage(stage(tmp_path, "base", max_steps=2))
+    args = stage(tmp_path, "vision", model=str(base))
+    model = build_model(args, AutoTokenizer.from_pretrained(base))
+    processor = build_processor(model, AutoTokenizer.from_pretrained(base))
+    rows = shapes.caption_dataset(num_train=16, num_test=1, image_size=32)["train"]
+    batch = CaptionWordsCollator(processor.image_processor, processor.tokenizer)(list(rows))
+    assert batch["pixel_values"].shape == (16, 3, 32, 32)
+    words = processor.tokenizer(rows[0]["caption"], add_special_tokens=False)["input_ids"]
+    assert set(batch["word_targets"][0].nonzero()[:, 0].tolist()) == set(words)
+
+    torch.manual_seed(0)
+    objective = CaptionWordsObjective(model)
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=3e-3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = []
+    for _ in range(15):
+        loss = objective(**batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert any(name.startswith("model.vision_tower") for name in moved)
+    assert any(name.startswith("model.multi_modal_projector") for name in moved)
+    assert not any(name.startswith(("model.language_model", "lm_head")) for name in moved)
+
+
+def test_tower_pretraining_errors_and_stage_flag(tmp_path):
+    from nanovision.training.tower_pretraining import CaptionWordsCollator
+
+    with pytest.raises(ValueError, match="tower_pretrain_steps applies to the vision stage"):
+        StageArguments(stage="sft", output_dir=str(tmp_path), tower_pretrain_steps=5)
+    base = run_stage(stage(tmp_path, "base", max_steps=2))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = shapes.caption_dataset(num_train=2, num_test=1, image_size=32)["train"]
+    with pytest.raises(ValueError, match="have no words"):
+        CaptionWordsCollator(NanoVisionImageProcessor(size={"height": 32, "width": 32}), tokenizer)(
+            [{"image": rows[0]["image"], "caption": ""}])
+    # in the stage: the tower moves before alignment; the language model stays frozen
+    plain = run_stage(stage(tmp_path / "plain", "vision", model=str(base), max_steps=1))
+    pretrained = run_stage(stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=3,
+                                 tower_pretrain_batch_size=8))
+    plain_weights, pretrained_weights, base_weights = (load_file(p / "model.safetensors")
+                                                       for p in (plain, pretrained, base))
+    name = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(plain_weights[name], pretrained_weights[name])
+    assert torch.equal(pretrained_weights["model.language_model.layers.0.mlp.up_proj.weight"],
+                       base_weights["model.layers.0.mlp.up_proj.weight"])

@@ -23,6 +23,7 @@ from ..processing_nanovision import NanoVisionImageProcessor, NanoVisionProcesso
 from ..tokenizer import train_tokenizer
 from .data import builtin_dataset, load_stage_dataset, tokenize_for_stage
 from .packing import PackedDataCollator, pack_dataset
+from .tower_pretraining import pretrain_vision_tower
 from .trainer import NanoVisionTrainer, push_folder_to_hub, write_model_card
 
 logger = logging.getLogger("nanovision")
@@ -59,6 +60,11 @@ class StageArguments:
     connector_type: str = "pixel_shuffle"
     pixel_shuffle_factor: int = 2
     builtin_train_size: int = 4000
+    tower_pretrain_steps: int = field(default=0, metadata={"help": "vision stage: first pretrain the vision tower and "
+                                                                   "connector this many steps on caption-word "
+                                                                   "classification (training/tower_pretraining.py)"})
+    tower_pretrain_batch_size: int = 64
+    tower_pretrain_lr: float = 1e-3
     train_modules: str | None = field(default=None, metadata={"help": "comma list of vision_tower,connector,"
                                                                      "language_model (default depends on the stage)"})
     device_batch_size: int = 8
@@ -101,6 +107,8 @@ class StageArguments:
         if self.stage == "base" and modules != "language_model":
             raise ValueError("--train_modules: the base stage trains a text model, only 'language_model' applies.")
         self.train_modules = modules
+        if self.tower_pretrain_steps and self.stage != "vision":
+            raise ValueError("--tower_pretrain_steps applies to the vision stage (image-caption pairs) only.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/nanovision-d4).")
 
@@ -172,6 +180,10 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if is_vlm:
         wanted = set(args.train_modules.split(","))
         model.set_trainable(**{part: part in wanted for part in PARTS})
+    if args.tower_pretrain_steps:
+        pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, args.output_dir,
+                              batch_size=args.tower_pretrain_batch_size,
+                              learning_rate=args.tower_pretrain_lr, seed=args.seed)
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
 
