@@ -177,13 +177,13 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     model = build_model(args, tokenizer)
     is_vlm = isinstance(model, NanoVisionForConditionalGeneration)
     processor = build_processor(model, tokenizer) if is_vlm else None
-    if is_vlm:
-        wanted = set(args.train_modules.split(","))
-        model.set_trainable(**{part: part in wanted for part in PARTS})
     if args.tower_pretrain_steps:
         pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, args.output_dir,
                               batch_size=args.tower_pretrain_batch_size,
                               learning_rate=args.tower_pretrain_lr, seed=args.seed)
+    if is_vlm:
+        wanted = set(args.train_modules.split(","))
+        model.set_trainable(**{part: part in wanted for part in PARTS})
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id)
 

@@ -46,7 +46,7 @@ class CaptionWordsCollator:
     def __init__(self, image_processor, tokenizer):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
-        self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self.special_ids = tokenizer.all_special_ids
 
     def __call__(self, rows):
         pixel_values = self.image_processor([row["image"] for row in rows], return_tensors="pt")["pixel_values"]
@@ -64,12 +64,9 @@ class CaptionWordsCollator:
 def pretrain_vision_tower(model, processor, dataset, steps: int, output_dir: str, batch_size: int = 64,
                           learning_rate: float = 1e-3, seed: int = 0) -> float:
     """Train `model`'s vision tower and connector for `steps` steps on `dataset` (`image`, `caption` columns)
-    with the HF Trainer; the language model is untouched. Returns the final training loss."""
-    parts = (model.model.vision_tower, model.model.multi_modal_projector)
-    was_trainable = [[p.requires_grad for p in part.parameters()] for part in parts]
-    for part in parts:
-        part.requires_grad_(True)
-    objective = CaptionWordsObjective(model)
+    with the HF Trainer. Leaves the language model frozen and the tower and connector trainable: the caller sets
+    the parts its next training trains. Returns the mean training loss."""
+    model.set_trainable(vision_tower=True, connector=True, language_model=False)
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, optim="adamw_torch_fused",
@@ -77,11 +74,8 @@ def pretrain_vision_tower(model, processor, dataset, steps: int, output_dir: str
         dataloader_num_workers=0, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=objective, args=args, train_dataset=dataset,
+    trainer = Trainer(model=CaptionWordsObjective(model), args=args, train_dataset=dataset,
                       data_collator=CaptionWordsCollator(processor.image_processor, processor.tokenizer))
-    result = trainer.train()
-    for part, flags in zip(parts, was_trainable):
-        for parameter, flag in zip(part.parameters(), flags):
-            parameter.requires_grad_(flag)
-    logger.info("vision tower pretraining: %d steps, final loss %.3f", steps, result.training_loss)
-    return result.training_loss
+    loss = trainer.train().training_loss
+    logger.info("vision tower pretraining: %d steps, mean loss %.3f", steps, loss)
+    return loss
