@@ -89,19 +89,31 @@ def make_batch(s, device, packed_lengths=None, generator=None):
         labels[row, starts[starts < s["seq"]]] = -100
         labels[row, sum(lengths):] = -100
         useful += sum(lengths)
-    return dict(input_ids=ids, labels=labels, position_ids=position_ids), useful
+    cu_seqlens, longest = document_bounds(packed_lengths, s["seq"], device)
+    return dict(input_ids=ids, labels=labels, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
+                cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest), useful
 
 
 def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
-    """Documents with log-normal lengths (mean ~600), best-fit packed into rows of seq tokens."""
+    """Documents with log-normal lengths (mean ~600, capped at seq), best-fit packed into rows of seq tokens; a
+    seeded random sample of those rows (the first rows of a best-fit packing hold the longest documents alone)."""
     from nanovision.training.packing import pack_examples
 
     g = torch.Generator().manual_seed(seed)
     mu = math.log(mean) - sigma**2 / 2
     lengths = torch.exp(torch.randn(4000, generator=g) * sigma + mu).clamp(16, s["seq"]).long().tolist()
     rows = pack_examples(lengths, s["seq"])
-    rows.sort(key=lambda r: -sum(lengths[i] for i in r))
-    return [[lengths[i] for i in r] for r in rows[: s["batch"]]]
+    picked = torch.randperm(len(rows), generator=g)[: s["batch"]].tolist()
+    return [[lengths[i] for i in rows[r]] for r in picked]
+
+
+def document_bounds(rows, seq, device):
+    """cu_seqlens / longest document over the flattened rows, each row's padding tail as its own document."""
+    lengths = []
+    for row in rows:
+        lengths += list(row) + ([seq - sum(row)] if seq > sum(row) else [])
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    return bounds, max(lengths)
 
 
 def time_steps(model, batch, attention_backend, steps, warmup):
@@ -145,6 +157,21 @@ def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup):
     return row
 
 
+def torch_varlen(q, k, v, cu_seqlens, longest):
+    """torch.nn.attention.varlen (FlashAttention-2 inside PyTorch), causal; kv heads repeated where it has no GQA."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, longest, longest, enable_gqa=True, **causal)
+    group = q.shape[1] // k.shape[1]
+    return varlen_attn(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), cu_seqlens, cu_seqlens,
+                       longest, longest, **causal)
+
+
 def attention_only(s, device, rows, peak):
     """Packed attention forward+backward, TFLOP/s counting only in-document causal work, against dense cuDNN."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -158,6 +185,10 @@ def attention_only(s, device, rows, peak):
         doc[row, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
     in_doc_pairs = sum(n * (n + 1) / 2 for lengths in rows for n in lengths)
     dense_pairs = B * T * (T + 1) / 2
+    cu_seqlens, longest = document_bounds(rows, T, device)
+    # varlen kernels take token-major [B * T, H, D] tensors, the layout the q/k/v projections produce
+    q_rows, k_rows, v_rows = (t.detach().transpose(1, 2).reshape(B * T, t.shape[1], D).requires_grad_()
+                              for t in (q, k, v))
     flops = lambda pairs: 4 * D * H * pairs * 3.5  # noqa: E731  fwd (2 matmuls) + bwd (2.5x fwd)
 
     def doc_mask(b, h, qi, ki):
@@ -174,6 +205,10 @@ def attention_only(s, device, rows, peak):
                                                  None, in_doc_pairs),
         "packed, sdpa block-diagonal mask (efficient)": (lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=dense_bool[:, None], enable_gqa=True), SDPBackend.EFFICIENT_ATTENTION, in_doc_pairs),
+        "packed, nanovision varlen (Triton)": (lambda: nanovision.kernels.varlen_attention(
+            q_rows, k_rows, v_rows, cu_seqlens, longest), None, in_doc_pairs),
+        "packed, torch varlen_attn (flash)": (lambda: torch_varlen(q_rows, k_rows, v_rows, cu_seqlens, longest),
+                                              None, in_doc_pairs),
     }
     out = []
     for name, (fn, backend, pairs) in cases.items():
@@ -200,6 +235,8 @@ def main():
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--packed", nargs="*", default=["flex_attention", "sdpa", "nanovision_varlen"],
+                        help="attention implementations for the packed-training rows")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for a quick check")
     args = parser.parse_args()
     s = SMOKE if args.smoke else SHAPE
@@ -216,9 +253,11 @@ def main():
     packed_rows = lognormal_rows(s)
     packed, useful = make_batch(s, device, packed_rows)
     packed_result = []
-    for attn in ("flex_attention", "sdpa"):
+    # the Triton varlen kernels run eager: the fused model gains nothing from compile (graph breaks at the kernels)
+    for attn in args.packed:
+        compiled = attn != "nanovision_varlen"
         name = f"nanovision best, packed ({attn})"
-        VARIANTS[name] = (lambda s, attn=attn: nanovision_model(s, attn, "llama", True), None, True)
+        VARIANTS[name] = (lambda s, attn=attn: nanovision_model(s, attn, "llama", True), None, compiled)
         packed_result.append(bench_variant(name, s, device, peak, packed, useful, args.steps, args.warmup))
         print(f"{name:42s} {packed_result[-1]['tokens_per_s']:10.0f} useful tok/s "
               f"({useful / (s['batch'] * s['seq']):.1%} of the row tokens are real)")

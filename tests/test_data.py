@@ -260,3 +260,28 @@ def test_generation_speed():
     elapsed = time.perf_counter() - start
     assert len(data["train"]) == 2000
     assert elapsed < 30, f"2000 QA samples took {elapsed:.1f}s"
+
+
+def test_multi_turn_training_conversations():
+    single = qa_dataset(num_train=12, num_test=4, seed=3)
+    multi = qa_dataset(num_train=12, num_test=4, seed=3, train_turns=4)
+    assert multi["test"].data.table.equals(single["test"].data.table)  # held-out questions stay single-turn
+    for one, many in zip(single["train"], multi["train"]):
+        assert many["messages"][:2] == one["messages"]  # the first turn and its columns do not change
+        assert (many["question_type"], many["answer"], many["scene"]) == (one["question_type"], one["answer"],
+                                                                           one["scene"])
+        turns = many["messages"]
+        assert 4 <= len(turns) <= 8 and len(turns) % 2 == 0
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+        questions = [m["content"][-1]["text"] for m in turns[::2]]
+        assert len(set(questions)) == len(questions)
+        assert all(part["type"] == "text" for m in turns[2:] for part in m["content"])  # one image, first turn
+        prefixes = {"What color": "color", "How many": "count", "Where": "position", "Is there": "presence"}
+        kinds = []
+        for question, reply in zip(turns[::2], turns[1::2]):
+            kinds.append(next(kind for prefix, kind in prefixes.items()
+                              if question["content"][-1]["text"].startswith(prefix)))
+            assert reply["content"][0]["text"] in shapes.ANSWERS_BY_TYPE[kinds[-1]]
+        assert len(set(kinds)) >= 3  # the follow-ups walk on through the question types
+    with pytest.raises(ValueError, match="turns"):
+        shapes.qa_sample(0, turns=0)

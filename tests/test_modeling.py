@@ -102,7 +102,7 @@ def test_nanochat_init_zeroes_output_projections():
 
 
 @pytest.mark.parametrize("block", list(BLOCKS))
-@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention", "nanovision_varlen"])
 def test_backends_agree_with_eager(block, attn):
     ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -116,7 +116,7 @@ def test_backends_agree_with_eager(block, attn):
     torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "nanovision_varlen"])
 def test_packed_row_equals_documents_run_alone(attn):
     model = build("nanochat", attn=attn)
     gen = torch.Generator().manual_seed(2)

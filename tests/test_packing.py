@@ -314,7 +314,7 @@ def num_targets(examples):
 
 
 @pytest.mark.parametrize("mode", ["pre", "fly"])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "nanovision_varlen"])
 def test_packed_loss_and_grads_equal_unpacked(attn, mode):
     examples = lm_examples()
     total = num_targets(examples)

@@ -33,7 +33,9 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     base = run_stage(stage(root, "base", max_steps=3))
     vision = run_stage(stage(root, "vision", model=str(base), max_steps=2))
-    sft = run_stage(stage(root, "sft", model=str(vision), max_steps=2, train_modules="connector,language_model"))
+    # the quickstart's sft settings: multi-turn built-in conversations, bf16 autocast (on the CPU too)
+    sft = run_stage(stage(root, "sft", model=str(vision), max_steps=2, train_modules="connector,language_model",
+                          builtin_turns=3, bf16=True))
     return base, vision, sft
 
 
@@ -48,6 +50,8 @@ def test_stage_folders_are_complete_checkpoints(pipeline):
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
     assert metadata["base_model"] == str(vision) and metadata["datasets"] == ["builtin"]
     assert "| train_modules | connector,language_model |" in card
+    settings = json.loads((sft / "training_settings.json").read_text())
+    assert settings["bf16"] is True and json.loads((base / "training_settings.json").read_text())["bf16"] is False
     generation = json.loads((sft / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 1 and generation["pad_token_id"] == 2
 
@@ -310,3 +314,16 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
     assert not torch.equal(plain_weights[name], pretrained_weights[name])
     assert torch.equal(pretrained_weights["model.language_model.layers.0.mlp.up_proj.weight"],
                        base_weights["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_builtin_turns_and_bf16_flags(tmp_path):
+    from nanovision.training.trainer import use_bf16
+
+    with pytest.raises(ValueError, match="builtin_turns applies to the sft stage"):
+        StageArguments(stage="vision", output_dir=str(tmp_path), builtin_turns=3)
+    with pytest.raises(ValueError, match="builtin_turns applies to the sft stage"):
+        StageArguments(stage="sft", output_dir=str(tmp_path), dataset="some/hub-dataset", builtin_turns=3)
+    with pytest.raises(ValueError, match="builtin_turns must be >= 1"):
+        StageArguments(stage="sft", output_dir=str(tmp_path), builtin_turns=0)
+    assert use_bf16(True) and not use_bf16(False)
+    assert use_bf16(None) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())

@@ -272,13 +272,18 @@ def make_question(scene: Mapping[str, Any] | Sequence[Mapping[str, Any]] | str, 
     raise ValueError(f"unknown question type {question_type!r} (expected one of {QUESTION_TYPES})")
 
 
-def qa_messages(question: str, answer: str | None = None) -> list[dict[str, Any]]:
+def qa_messages(question: str, answer: str | None = None,
+                follow_ups: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """Hugging Face chat messages: a user turn with one image and the question, then (if ``answer`` is
-    given) the assistant's answer. Image parts carry ``"text": None`` so that every content part has the
-    same keys (as after a round trip through Arrow)."""
+    given) the assistant's answer, then one text-only user/assistant turn pair per ``(question, answer)`` in
+    ``follow_ups``. Image parts carry ``"text": None`` so that every content part has the same keys (as after a
+    round trip through Arrow)."""
     messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question}]}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    for follow_question, follow_answer in follow_ups:
+        messages.append({"role": "user", "content": [{"type": "text", "text": follow_question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": follow_answer}]})
     return messages
 
 
@@ -287,15 +292,29 @@ def qa_messages(question: str, answer: str | None = None) -> list[dict[str, Any]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def qa_sample(index: int, seed: int = 0, split: str = "train", image_size: int = 64) -> dict[str, Any]:
+def qa_sample(index: int, seed: int = 0, split: str = "train", image_size: int = 64,
+              turns: int = 1) -> dict[str, Any]:
     """Sample ``index`` of the QA stream ``(split, seed)``: ``messages``, ``images`` (one PIL image),
-    ``question_type`` (cycling through :data:`QUESTION_TYPES`), ``answer`` and ``scene`` (JSON string)."""
+    ``question_type`` (cycling through :data:`QUESTION_TYPES`), ``answer`` and ``scene`` (JSON string).
+
+    With ``turns > 1`` the conversation goes on with ``turns - 1`` more questions about the same image (the
+    next question types in the cycle, repeated questions skipped): more answers to learn from per image. The
+    first turn, and the ``question_type`` and ``answer`` columns that describe it, are the same for every
+    ``turns``."""
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
     rng = _rng("qa", split, seed, index)
     scene = random_scene(rng)
     question_type = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     question, answer = make_question(scene, question_type, rng)
+    asked, follow_ups = {question}, []
+    for turn in range(1, turns):
+        follow_up = make_question(scene, QUESTION_TYPES[(index + turn) % len(QUESTION_TYPES)], rng)
+        if follow_up[0] not in asked:
+            asked.add(follow_up[0])
+            follow_ups.append(follow_up)
     return {
-        "messages": qa_messages(question, answer),
+        "messages": qa_messages(question, answer, follow_ups),
         "images": [render_scene(scene, image_size)],
         "question_type": question_type,
         "answer": answer,
@@ -368,7 +387,8 @@ def text_corpus(num_docs: int, seed: int = 0, split: str = "train") -> list[str]
 
 
 def _features(kind: str):
-    from datasets import Features, Image as ImageFeature, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
 
     if kind == "text":
         return Features({"text": Value("string")})
@@ -423,16 +443,19 @@ def caption_dataset(num_train: int = 2000, num_test: int = 200, image_size: int 
     })
 
 
-def qa_dataset(num_train: int = 4000, num_test: int = 400, image_size: int = 64, seed: int = 0):
+def qa_dataset(num_train: int = 4000, num_test: int = 400, image_size: int = 64, seed: int = 0,
+               train_turns: int = 1):
     """`datasets.DatasetDict` ``{"train", "test"}`` with columns ``messages`` (HF chat format, see
     :func:`qa_messages`), ``images`` (``List(Image())``, one image), ``question_type``, ``answer`` and
-    ``scene`` (JSON string). Question types cycle, so each split is balanced over :data:`QUESTION_TYPES`."""
+    ``scene`` (JSON string). Question types cycle, so each split is balanced over :data:`QUESTION_TYPES`.
+    ``train_turns`` questions per image in the train split (see :func:`qa_sample`); the test split always
+    asks one."""
     from datasets import DatasetDict
 
     _check_sizes(num_train, num_test)
     return DatasetDict({
-        split: _build("qa", (qa_sample(i, seed, split, image_size) for i in range(n)))
-        for split, n in (("train", num_train), ("test", num_test))
+        split: _build("qa", (qa_sample(i, seed, split, image_size, turns) for i in range(n)))
+        for split, n, turns in (("train", num_train, train_turns), ("test", num_test, 1))
     })
 
 

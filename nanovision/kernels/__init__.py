@@ -27,10 +27,11 @@ from . import fused_linear_cross_entropy as _flce_mod
 from . import rms_norm as _rms_mod
 from . import rope as _rope_mod
 from . import swiglu as _swiglu_mod
+from . import varlen_attention as _varlen_mod
 
 logger = logging.getLogger("nanovision")
 
-OPS = ("rms_norm", "swiglu", "rope", "linear_ce")
+OPS = ("rms_norm", "swiglu", "rope", "linear_ce", "varlen_attention")
 BACKENDS = ("triton", "torch_compile", "eager")
 
 _REFERENCES = {
@@ -39,8 +40,10 @@ _REFERENCES = {
     "relu2": _swiglu_mod.relu2_reference,
     "rope": _rope_mod.apply_rotary_reference,
     "linear_ce": _flce_mod.linear_cross_entropy_reference,
+    "varlen_attention": _varlen_mod.varlen_attention_reference,
 }
-_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "rope": "rope", "linear_ce": "linear_ce"}
+_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "rope": "rope", "linear_ce": "linear_ce",
+          "varlen_attention": "varlen_attention"}
 
 _BACKENDS: Optional[Dict[str, str]] = None
 _FALLBACK: Optional[str] = None
@@ -56,7 +59,7 @@ def _interpret() -> bool:
 
 
 def _triton_usable() -> bool:
-    if not all(m.HAS_TRITON for m in (_rms_mod, _swiglu_mod, _rope_mod, _flce_mod)):
+    if not all(m.HAS_TRITON for m in (_rms_mod, _swiglu_mod, _rope_mod, _flce_mod, _varlen_mod)):
         return False
     if _interpret():
         return True
@@ -104,7 +107,8 @@ def _select() -> Dict[str, str]:
 
 
 def kernel_backends() -> Dict[str, str]:
-    """Backend name per op: {"rms_norm", "swiglu", "rope", "linear_ce"} -> "triton"|"torch_compile"|"eager"."""
+    """Backend name per op: {"rms_norm", "swiglu", "rope", "linear_ce", "varlen_attention"} ->
+    "triton"|"torch_compile"|"eager"."""
     return dict(_select())
 
 
@@ -210,7 +214,24 @@ def fused_linear_cross_entropy(
     )
 
 
-from .layers import FusedMLP, FusedRMSNorm, apply_fused_kernels  # noqa: E402
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale=None):
+    """Causal attention within each document of packed tokens: q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens int32
+    [documents + 1] -> [N, Hq, D]. The reference (per-document SDPA) never runs compiled: its loop is data-dependent."""
+    if _backend("varlen_attention", q) == "triton":
+        return _triton(_varlen_mod.varlen_attention)(q, k, v, cu_seqlens, max_seqlen, scale)
+    return _varlen_mod.varlen_attention_reference(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+from .layers import (  # noqa: E402
+    VARLEN_ATTENTION,
+    FusedMLP,
+    FusedRMSNorm,
+    apply_fused_kernels,
+    register_varlen_attention,
+    varlen_attention_forward,
+)
+
+register_varlen_attention()
 
 __all__ = [
     "OPS",
@@ -221,6 +242,9 @@ __all__ = [
     "relu2",
     "apply_rotary",
     "fused_linear_cross_entropy",
+    "varlen_attention",
+    "varlen_attention_forward",
+    "VARLEN_ATTENTION",
     "apply_fused_kernels",
     "FusedRMSNorm",
     "FusedMLP",

