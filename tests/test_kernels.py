@@ -474,10 +474,10 @@ def test_flce_never_materialises_full_logits(monkeypatch):
 def test_backend_selection():
     K._reset_backends()
     backends = K.kernel_backends()
-    assert set(backends) == {"rms_norm", "swiglu", "rope", "linear_ce"}
+    assert set(backends) == {"rms_norm", "swiglu", "rope", "linear_ce", "varlen_attention"}
     assert all(b == "triton" for b in backends.values())
     assert K.describe_backends() == (
-        "nanovision kernels: rms_norm=triton swiglu=triton rope=triton linear_ce=triton"
+        "nanovision kernels: rms_norm=triton swiglu=triton rope=triton linear_ce=triton varlen_attention=triton"
     )
 
 
