@@ -116,6 +116,26 @@ def test_backends_agree_with_eager(block, attn):
     torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_varlen_attention_with_a_cache(padded):
+    """nanovision_varlen serves generation too: a multi-token continuation and single-token steps against a cache
+    (through SDPA, causal to the cached past), with and without left padding."""
+    ids = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0 if padded else 1
+    expected = build("nanochat", attn="eager")
+    model = build("nanochat", attn="nanovision_varlen")
+    with torch.no_grad():
+        outputs = []
+        for m in (expected, model):
+            prefill = m(ids[:, :10], attention_mask=mask[:, :10], use_cache=True)
+            step = m(ids[:, 10:], attention_mask=mask, past_key_values=prefill.past_key_values)
+            outputs.append(torch.cat([prefill.logits, step.logits], 1))
+        greedy = [m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False) for m in (expected, model)]
+    torch.testing.assert_close(outputs[1][mask.bool()], outputs[0][mask.bool()], atol=2e-5, rtol=1e-4)
+    assert torch.equal(greedy[0], greedy[1])
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention", "nanovision_varlen"])
 def test_packed_row_equals_documents_run_alone(attn):
     model = build("nanochat", attn=attn)

@@ -200,12 +200,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if key.shape[2] != length:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if attention_mask is not None and attention_mask.dim() == 2:  # padding mask from the flash-style mask hook
-            past = key.shape[2] - length
-            causal = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril(past)
-            attention_mask = causal[None, None] & attention_mask[:, None, None, :].bool()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
-                                      **kwargs)
+        # the flash-style mask hook gives no mask or a 2D padding one: spell out causality against the cached past
+        past = key.shape[2] - length
+        allowed = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril(past)[None, None]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            allowed = allowed & attention_mask[:, None, None, :].bool()
+        return sdpa_attention_forward(module, query, key, value, allowed, dropout=0.0, scaling=scaling, **kwargs)
     if cu_seq_lens_q is None:
         if position_ids is None:
             position_ids = torch.arange(length, device=query.device)[None]
