@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import nanovision
-from nanovision.kernels import describe_backends
+from nanovision.kernels import describe_backends, document_bounds
 from nanovision.training.trainer import flops_per_token
 
 SHAPE = dict(layers=20, hidden=1280, heads=10, kv_heads=5, head_dim=128, ffn=3456, vocab=50304, seq=2048, batch=8)
@@ -89,7 +89,7 @@ def make_batch(s, device, packed_lengths=None, generator=None):
         labels[row, starts[starts < s["seq"]]] = -100
         labels[row, sum(lengths):] = -100
         useful += sum(lengths)
-    cu_seqlens, longest = document_bounds(packed_lengths, s["seq"], device)
+    cu_seqlens, longest = document_bounds(position_ids)
     return dict(input_ids=ids, labels=labels, position_ids=position_ids, cu_seq_lens_q=cu_seqlens,
                 cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest), useful
 
@@ -105,15 +105,6 @@ def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
     rows = pack_examples(lengths, s["seq"])
     picked = torch.randperm(len(rows), generator=g)[: s["batch"]].tolist()
     return [[lengths[i] for i in rows[r]] for r in picked]
-
-
-def document_bounds(rows, seq, device):
-    """cu_seqlens / longest document over the flattened rows, each row's padding tail as its own document."""
-    lengths = []
-    for row in rows:
-        lengths += list(row) + ([seq - sum(row)] if seq > sum(row) else [])
-    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return bounds, max(lengths)
 
 
 def time_steps(model, batch, attention_backend, steps, warmup):
@@ -172,7 +163,7 @@ def torch_varlen(q, k, v, cu_seqlens, longest):
                        longest, longest, **causal)
 
 
-def attention_only(s, device, rows, peak):
+def attention_only(s, device, rows, cu_seqlens, longest):
     """Packed attention forward+backward, TFLOP/s counting only in-document causal work, against dense cuDNN."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -185,7 +176,6 @@ def attention_only(s, device, rows, peak):
         doc[row, : sum(lengths)] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
     in_doc_pairs = sum(n * (n + 1) / 2 for lengths in rows for n in lengths)
     dense_pairs = B * T * (T + 1) / 2
-    cu_seqlens, longest = document_bounds(rows, T, device)
     # varlen kernels take token-major [B * T, H, D] tensors, the layout the q/k/v projections produce
     q_rows, k_rows, v_rows = (t.detach().transpose(1, 2).reshape(B * T, t.shape[1], D).requires_grad_()
                               for t in (q, k, v))
@@ -261,7 +251,7 @@ def main():
         packed_result.append(bench_variant(name, s, device, peak, packed, useful, args.steps, args.warmup))
         print(f"{name:42s} {packed_result[-1]['tokens_per_s']:10.0f} useful tok/s "
               f"({useful / (s['batch'] * s['seq']):.1%} of the row tokens are real)")
-    attention = attention_only(s, device, packed_rows, peak)
+    attention = attention_only(s, device, packed_rows, packed["cu_seq_lens_q"], packed["max_length_q"])
     for row in attention:
         print(f"attention: {row['case']:46s} " + (f"{row['ms']:.2f} ms {row['useful_tflops']:.0f} useful TFLOP/s"
                                                   if "ms" in row else row["error"]))

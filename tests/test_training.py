@@ -317,13 +317,14 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
 
 
 def test_builtin_turns_and_bf16_flags(tmp_path):
-    from nanovision.training.trainer import use_bf16
-
     with pytest.raises(ValueError, match="builtin_turns applies to the sft stage"):
         StageArguments(stage="vision", output_dir=str(tmp_path), builtin_turns=3)
     with pytest.raises(ValueError, match="builtin_turns applies to the sft stage"):
         StageArguments(stage="sft", output_dir=str(tmp_path), dataset="some/hub-dataset", builtin_turns=3)
     with pytest.raises(ValueError, match="builtin_turns must be >= 1"):
         StageArguments(stage="sft", output_dir=str(tmp_path), builtin_turns=0)
-    assert use_bf16(True) and not use_bf16(False)
-    assert use_bf16(None) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    def bf16(requested):
+        return StageArguments(stage="base", output_dir=str(tmp_path), bf16=requested).bf16
+
+    assert bf16(True) and not bf16(False)
+    assert bf16(None) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())

@@ -40,10 +40,8 @@ _REFERENCES = {
     "relu2": _swiglu_mod.relu2_reference,
     "rope": _rope_mod.apply_rotary_reference,
     "linear_ce": _flce_mod.linear_cross_entropy_reference,
-    "varlen_attention": _varlen_mod.varlen_attention_reference,
 }
-_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "rope": "rope", "linear_ce": "linear_ce",
-          "varlen_attention": "varlen_attention"}
+_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "rope": "rope", "linear_ce": "linear_ce"}
 
 _BACKENDS: Optional[Dict[str, str]] = None
 _FALLBACK: Optional[str] = None
@@ -227,6 +225,7 @@ from .layers import (  # noqa: E402
     FusedMLP,
     FusedRMSNorm,
     apply_fused_kernels,
+    document_bounds,
     register_varlen_attention,
     varlen_attention_forward,
 )
@@ -244,6 +243,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "varlen_attention",
     "varlen_attention_forward",
+    "document_bounds",
     "VARLEN_ATTENTION",
     "apply_fused_kernels",
     "FusedRMSNorm",

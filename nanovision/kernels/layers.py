@@ -172,17 +172,16 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
 VARLEN_ATTENTION = "nanovision_varlen"
 
 
-def _document_bounds(position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], batch: int, length: int):
-    """cu_seqlens over the flattened [batch * length] tokens: a document starts at each row start, where
-    position_ids restart at 0, and where a 2D padding mask switches between padding and tokens (so padding never
-    shares a document with real tokens)."""
-    starts = torch.zeros(batch, length, dtype=torch.bool, device=position_ids.device)
+def document_bounds(position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    """(cu_seqlens int32, longest document) over the flattened [B * T] tokens of `position_ids` [B, T]: a document
+    starts at each row start, where position_ids restart at 0, and where a 2D padding mask switches between padding
+    and tokens (so padding never shares a document with real tokens)."""
+    starts = position_ids == 0
     starts[:, 0] = True
-    starts |= position_ids.expand(batch, length) == 0
     if attention_mask is not None:
         starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
     first = starts.reshape(-1).nonzero()[:, 0]
-    bounds = torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
+    bounds = torch.cat([first, first.new_tensor([starts.numel()])]).to(torch.int32)
     return bounds, int((bounds[1:] - bounds[:-1]).max())
 
 
@@ -210,7 +209,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         if position_ids is None:
             position_ids = torch.arange(length, device=query.device)[None]
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        cu_seq_lens_q, max_length_q = _document_bounds(position_ids, mask, batch, length)
+        cu_seq_lens_q, max_length_q = document_bounds(position_ids.expand(batch, length), mask)
     # [B, H, T, D] views of [B, T, H, D] projections: back to token-major rows, a view when nothing reordered them
     out = _ops().varlen_attention(query.transpose(1, 2).reshape(batch * length, heads, head_dim),
                                   key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim),

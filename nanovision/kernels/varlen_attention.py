@@ -14,7 +14,6 @@ every dk / dv row has a single writer: no atomics), then dQ with one program per
 head). Only the blocks that straddle the diagonal or the document's end pay for masking.
 """
 
-import os
 from typing import Optional
 
 import torch
@@ -404,13 +403,10 @@ INTERPRET_CONFIGS = ((32, 16, 1, 1), (16, 32, 1, 1), (32, 16, 1, 1))
 PREPROCESS_BLOCK_M = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _configs(head_dim: int):
-    """(forward, dK/dV, dQ) launch configs for a head dim."""
-    if _interpreting():
+def _configs(head_dim: int, on_gpu: bool):
+    """(forward, dK/dV, dQ) launch configs for a head dim; tensors off the GPU reach the kernels only under
+    TRITON_INTERPRET."""
+    if not on_gpu:
         return INTERPRET_CONFIGS
     if head_dim <= 64:
         # half the registers per row: the same tiles fit with fewer warps
@@ -477,7 +473,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
     lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
     if total == 0 or max_seqlen == 0:
         return out, lse
-    (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim)
+    (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim, q.is_cuda)
     # programs past a short document's end exit at once; numbering the blocks across documents instead (a scan of
     # cu_seqlens per program) measured no faster on H100 with 2048-token rows of ~600-token documents
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, n_heads)
@@ -504,7 +500,8 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     dv = torch.empty((total, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
     if total == 0 or max_seqlen == 0:
         return dq, dk, dv
-    _, (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _configs(head_dim)
+    _, (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _configs(
+        head_dim, q.is_cuda)
     num_seqs = cu_seqlens.numel() - 1
     group = n_heads // n_kv_heads
     precision = _precision(q.dtype)

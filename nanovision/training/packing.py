@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..kernels import document_bounds
+
 logger = logging.getLogger("nanovision")
 
 IGNORE_INDEX = -100
@@ -778,10 +780,8 @@ class PackedDataCollator:
         if self.return_attention_mask:
             batch["attention_mask"] = torch.from_numpy(attention_mask)
         if self.return_flash_attn_kwargs:
-            flat = position_ids.reshape(-1)
-            boundaries = np.append(np.flatnonzero(flat == 0), flat.size)
-            longest = int(np.diff(boundaries).max())
-            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.from_numpy(boundaries.astype(np.int32))
+            boundaries, longest = document_bounds(batch["position_ids"])
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = boundaries
             batch["max_length_q"] = batch["max_length_k"] = longest
         images = [image for row in rows for image in row.images]
         pixel_values = [pixels for row in rows for pixels in row.pixel_values]

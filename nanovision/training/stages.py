@@ -25,7 +25,7 @@ from ..tokenizer import train_tokenizer
 from .data import builtin_dataset, load_stage_dataset, tokenize_for_stage
 from .packing import PackedDataCollator, pack_dataset
 from .tower_pretraining import pretrain_vision_tower
-from .trainer import NanoVisionTrainer, push_folder_to_hub, use_bf16, write_model_card
+from .trainer import NanoVisionTrainer, push_folder_to_hub, write_model_card
 
 logger = logging.getLogger("nanovision")
 
@@ -118,6 +118,8 @@ class StageArguments:
             raise ValueError(f"--builtin_turns must be >= 1, got {self.builtin_turns}.")
         if self.tower_pretrain_steps and self.stage != "vision":
             raise ValueError("--tower_pretrain_steps applies to the vision stage (image-caption pairs) only.")
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/nanovision-d4).")
 
@@ -189,7 +191,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if args.tower_pretrain_steps:
         pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, args.output_dir,
                               batch_size=args.tower_pretrain_batch_size,
-                              learning_rate=args.tower_pretrain_lr, seed=args.seed, bf16=use_bf16(args.bf16))
+                              learning_rate=args.tower_pretrain_lr, seed=args.seed, bf16=args.bf16)
     if is_vlm:
         wanted = set(args.train_modules.split(","))
         model.set_trainable(**{part: part in wanted for part in PARTS})
@@ -212,7 +214,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
         output_dir=args.output_dir, per_device_train_batch_size=args.device_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, optim=args.optim, bf16=use_bf16(args.bf16),
+        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, optim=args.optim, bf16=args.bf16,
         torch_compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         include_num_input_tokens_seen="all", remove_unused_columns=False, dataloader_num_workers=0,
@@ -233,11 +235,10 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if trainer.args.should_save:  # the rest once, from the main process (an upload per rank would repeat it)
         (processor or tokenizer).save_pretrained(final)
         settings = {"stage": args.stage, "train_modules": args.train_modules, "steps": trainer.state.global_step,
-                    "bf16": training_args.bf16,
                     "train_loss": round(result.training_loss, 4), "packing": stats.summary(),
                     **{key: value for key, value in asdict(args).items() if key in (
                         "device_batch_size", "gradient_accumulation_steps", "pack_max_length", "learning_rate",
-                        "lm_lr", "connector_lr", "vision_lr", "attn_implementation", "use_fused_kernels")}}
+                        "lm_lr", "connector_lr", "vision_lr", "attn_implementation", "bf16", "use_fused_kernels")}}
         (final / "training_settings.json").write_text(json.dumps(settings, indent=2))
         write_model_card(final, base_model=args.model, datasets=[args.dataset], stage=args.stage, settings=settings)
         if args.push_to_hub:

@@ -71,8 +71,7 @@ def pretrain_vision_tower(model, processor, dataset, steps: int, output_dir: str
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, optim="adamw_torch_fused",
         logging_steps=max(1, steps // 10), save_strategy="no", remove_unused_columns=False, report_to=[], seed=seed,
-        dataloader_num_workers=0, bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=CaptionWordsObjective(model), args=args, train_dataset=dataset,
                       data_collator=CaptionWordsCollator(processor.image_processor, processor.tokenizer))

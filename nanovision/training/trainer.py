@@ -22,13 +22,6 @@ def cpu_has_fast_bf16() -> bool:
                                                                          "_is_amx_tile_supported"))
 
 
-def use_bf16(requested: bool | None) -> bool:
-    """bf16 autocast: as requested, else on a CUDA GPU that has bf16."""
-    if requested is not None:
-        return requested
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def default_peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
