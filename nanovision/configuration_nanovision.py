@@ -209,6 +209,8 @@ class NanoVisionConfig(PretrainedConfig):
         connector_type: "pixel_shuffle" (space-to-depth by `pixel_shuffle_factor`, then an MLP) or
             "perceiver" (learned queries cross-attending to the patches, then an MLP).
         pixel_shuffle_factor: r; the image takes (image_size / patch_size)^2 / r^2 tokens.
+        connector_position_embedding: pixel_shuffle only: add a learned embedding per image-token position to the
+            connector's output (zero-initialised), so the language model reads where each token sits in the grid.
         perceiver_num_queries, perceiver_num_layers, perceiver_num_heads: the resampler's shape.
         image_token_id: id of the `<image>` placeholder token that image embeddings replace.
         vision_feature_layer: which hidden state of the vision tower feeds the connector (-1: the last).
@@ -224,6 +226,7 @@ class NanoVisionConfig(PretrainedConfig):
         vision_config=None,
         connector_type="pixel_shuffle",
         pixel_shuffle_factor=2,
+        connector_position_embedding=False,
         perceiver_num_queries=64,
         perceiver_num_layers=2,
         perceiver_num_heads=8,
@@ -246,6 +249,7 @@ class NanoVisionConfig(PretrainedConfig):
         self.vision_config = vision_config
         self.connector_type = connector_type
         self.pixel_shuffle_factor = pixel_shuffle_factor
+        self.connector_position_embedding = connector_position_embedding
         self.perceiver_num_queries = perceiver_num_queries
         self.perceiver_num_layers = perceiver_num_layers
         self.perceiver_num_heads = perceiver_num_heads
@@ -266,6 +270,11 @@ class NanoVisionConfig(PretrainedConfig):
                 f"NanoVisionConfig.pixel_shuffle_factor ({self.pixel_shuffle_factor}) must divide the number of "
                 f"patches per side ({patches_per_side} = vision_config.image_size {self.vision_config.image_size} "
                 f"// patch_size {self.vision_config.patch_size})."
+            )
+        if self.connector_position_embedding and self.connector_type != "pixel_shuffle":
+            raise ValueError(
+                "NanoVisionConfig.connector_position_embedding applies to connector_type='pixel_shuffle' only (the "
+                "perceiver's learned queries already tell the tokens apart); set it to False."
             )
         if self.connector_type == "perceiver" and self.vision_config.hidden_size % self.perceiver_num_heads:
             raise ValueError(

@@ -476,13 +476,19 @@ class NanoVisionPixelShuffleConnector(nn.Module):
         self.linear_1 = nn.Linear(vision_width, text_width)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(text_width, text_width)
+        # The language model sees the token grid flattened row by row; a learned embedding per grid cell, in its
+        # own width, tells it where each token sits without its having to infer the row length from rotary phases.
+        self.position_embedding = None
+        if config.connector_position_embedding:
+            self.position_embedding = nn.Parameter(torch.zeros(config.num_image_tokens, text_width))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         num_images, num_patches, width = patches.shape
         side, r = math.isqrt(num_patches), self.factor
         grid = patches.reshape(num_images, side // r, r, side // r, r, width)
         tokens = grid.permute(0, 1, 3, 2, 4, 5).reshape(num_images, (side // r) ** 2, r * r * width)
-        return self.linear_2(self.act(self.linear_1(tokens)))
+        tokens = self.linear_2(self.act(self.linear_1(tokens)))
+        return tokens if self.position_embedding is None else tokens + self.position_embedding.to(tokens.dtype)
 
 
 class NanoVisionPerceiverLayer(nn.Module):

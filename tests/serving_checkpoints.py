@@ -36,7 +36,7 @@ def build_text_checkpoint(path, tokenizer):
 
 def build_vlm_checkpoint(path, tokenizer):
     """Llama-style language model (SwiGLU, GQA 4:2 heads of 32) + 1-layer SigLIP (32px, 8px patches) + pixel
-    shuffle: 4 image tokens per image."""
+    shuffle with a position embedding per image token (as the quickstart's): 4 image tokens per image."""
     from nanovision import (
         NanoVisionConfig,
         NanoVisionForConditionalGeneration,
@@ -46,7 +46,8 @@ def build_vlm_checkpoint(path, tokenizer):
     )
 
     text = presets.text_config(depth=2, head_dim=32, vocab_size=len(tokenizer), max_position_embeddings=512)
-    config = NanoVisionConfig(text_config=text, vision_config=dict(TINY_VISION), image_token_id=6)
+    config = NanoVisionConfig(text_config=text, vision_config=dict(TINY_VISION), image_token_id=6,
+                              connector_position_embedding=True)
     torch.manual_seed(0)
     model = randomize(NanoVisionForConditionalGeneration(config), std=0.1, seed=2).eval()
     processor = NanoVisionProcessor(NanoVisionImageProcessor(size={"height": 32, "width": 32}), tokenizer,

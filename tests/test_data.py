@@ -285,3 +285,14 @@ def test_multi_turn_training_conversations():
         assert len(set(kinds)) >= 3  # the follow-ups walk on through the question types
     with pytest.raises(ValueError, match="turns"):
         shapes.qa_sample(0, turns=0)
+
+
+def test_caption_turn_closes_training_conversations():
+    plain = qa_dataset(num_train=8, num_test=4, seed=5, train_turns=3)
+    captioned = qa_dataset(num_train=8, num_test=4, seed=5, train_turns=3, caption_turn=True)
+    assert captioned["test"].data.table.equals(plain["test"].data.table)
+    for one, many in zip(plain["train"], captioned["train"]):
+        assert many["messages"][:-2] == one["messages"]
+        ask, reply = many["messages"][-2:]
+        assert ask == {"role": "user", "content": [{"type": "text", "text": "Describe the image."}]}
+        assert reply["content"][0]["text"] == shapes.caption_scene(many["scene"])

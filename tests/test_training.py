@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -314,6 +315,66 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
     assert not torch.equal(plain_weights[name], pretrained_weights[name])
     assert torch.equal(pretrained_weights["model.language_model.layers.0.mlp.up_proj.weight"],
                        base_weights["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_tower_pretraining_phrases_bind_words_within_one_token(tmp_path):
+    from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective
+
+    base = run_stage(stage(tmp_path, "base", max_steps=2))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = build_model(stage(tmp_path, "vision", model=str(base)), tokenizer)
+    processor = build_processor(model, tokenizer)
+    image = shapes.render_scene([{"shape": "circle", "color": "red", "position": "left"}], 32)
+    rows = [{"image": image, "caption": "a red circle on the left and a blue square on the right."},
+            {"image": image, "caption": "a blue square on the right."},
+            {"image": image, "caption": "a green triangle in the middle."}]
+    batch = CaptionWordsCollator(processor.image_processor, tokenizer, phrases=True)(rows)
+    assert "phrase_words" not in CaptionWordsCollator(processor.image_processor, tokenizer)(rows)
+    phrases = ["a blue square on the right", "a green triangle in the middle", "a red circle on the left"]  # sorted
+    assert batch["phrase_images"].tolist() == [[1, 1, 0], [0, 0, 1], [1, 0, 0]]  # a shared phrase: both images
+    for row, phrase in zip(batch["phrase_words"], phrases):
+        ids = set(tokenizer(phrase, add_special_tokens=False)["input_ids"])
+        assert set(row.nonzero()[:, 0].tolist()) == ids and torch.isclose(row.sum(), torch.tensor(1.0))
+
+    # A phrase's score is its best token's mean over the phrase's words: two tokens that each show half of
+    # "red circle" do not match it, one token that shows both does.
+    objective = CaptionWordsObjective(model)
+    directions = objective.word_directions
+    pair = tokenizer("red circle", add_special_tokens=False)["input_ids"]
+    other = tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    phrase = torch.zeros(1, directions.shape[0])
+    phrase[0, pair] = 1 / len(pair)
+    split = directions[pair]  # image 0: each of the phrase's words on a token of its own
+    bound = torch.stack([directions[pair].sum(0)] + [directions[other]] * (len(pair) - 1))  # image 1: one token
+    tokens = SimpleNamespace(pooler_output=torch.stack([split, bound]))
+    objective.vision.get_image_features = lambda pixel_values: tokens
+    targets = torch.zeros(2, directions.shape[0])
+    targets[:, pair] = 1
+    bound_loss = objective(None, targets, phrase, torch.tensor([[0.0, 1.0]]))["loss"]
+    split_loss = objective(None, targets, phrase, torch.tensor([[1.0, 0.0]]))["loss"]
+    assert bound_loss < split_loss  # the objective prefers the image whose token binds the phrase's words
+
+    with pytest.raises(ValueError, match="also set --tower_pretrain_steps"):
+        StageArguments(stage="vision", output_dir=str(tmp_path), tower_pretrain_phrases=True)
+    pretrained = run_stage(stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=2,
+                                 tower_pretrain_batch_size=8, tower_pretrain_phrases=True,
+                                 connector_position_embedding=True))
+    assert json.loads((pretrained / "config.json").read_text())["connector_position_embedding"] is True
+    assert load_file(pretrained / "model.safetensors")["model.multi_modal_projector.position_embedding"].any()
+
+
+def test_connector_position_embedding_and_caption_turn_flags(tmp_path):
+    with pytest.raises(ValueError, match="connector_position_embedding shapes a new VLM"):
+        StageArguments(stage="sft", output_dir=str(tmp_path), connector_position_embedding=True)
+    with pytest.raises(ValueError, match="builtin_caption_turn applies to the sft stage"):
+        StageArguments(stage="vision", output_dir=str(tmp_path), builtin_caption_turn=True)
+    with pytest.raises(ValueError, match="builtin_caption_turn applies to the sft stage"):
+        StageArguments(stage="sft", output_dir=str(tmp_path), dataset="some/hub-dataset", builtin_caption_turn=True)
+    base = run_stage(stage(tmp_path, "base", max_steps=2))
+    vision = run_stage(stage(tmp_path, "vision", model=str(base), max_steps=1))
+    with pytest.raises(ValueError, match="is a VLM built without it"):
+        build_model(stage(tmp_path, "vision", model=str(vision), connector_position_embedding=True),
+                    AutoTokenizer.from_pretrained(vision))
 
 
 def test_builtin_turns_and_bf16_flags(tmp_path):

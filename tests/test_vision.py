@@ -140,6 +140,31 @@ def test_no_split_modules_name_only_blocks_the_model_has(connector):
     assert {"NanoVisionDecoderLayer", "SiglipEncoderLayer"} <= set(model._no_split_modules) <= present
 
 
+def test_connector_position_embedding(tmp_path):
+    with pytest.raises(ValueError, match="connector_position_embedding applies to connector_type='pixel_shuffle'"):
+        tiny_vlm_config(connector_type="perceiver", connector_position_embedding=True)
+    torch.manual_seed(0)
+    plain = NanoVisionForConditionalGeneration(tiny_vlm_config()).eval()
+    torch.manual_seed(0)
+    model = NanoVisionForConditionalGeneration(tiny_vlm_config(connector_position_embedding=True)).eval()
+    embedding = model.model.multi_modal_projector.position_embedding
+    assert embedding.shape == (PER_IMAGE, 64) and not embedding.any()  # zero at the start: the plain connector
+    px = pixels(2)
+    with torch.no_grad():
+        before = model.get_image_features(px).pooler_output
+        torch.testing.assert_close(before, plain.get_image_features(px).pooler_output)
+        embedding.copy_(torch.randn(PER_IMAGE, 64))
+        after = model.get_image_features(px).pooler_output
+    torch.testing.assert_close(after - before, embedding.expand(2, -1, -1))  # one vector per grid cell, every image
+    ids = torch.tensor([sample([2])])
+    randomize(model)(ids, pixel_values=pixels(1), labels=ids).loss.backward()  # (nanochat's init zeroes the head)
+    assert embedding.grad is not None and embedding.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.config.connector_position_embedding
+    torch.testing.assert_close(loaded.model.multi_modal_projector.position_embedding, embedding)
+
+
 def test_save_load_and_auto_classes(tmp_path):
     model = build("perceiver")
     model.save_pretrained(tmp_path)

@@ -293,14 +293,15 @@ def qa_messages(question: str, answer: str | None = None,
 
 
 def qa_sample(index: int, seed: int = 0, split: str = "train", image_size: int = 64,
-              turns: int = 1) -> dict[str, Any]:
+              turns: int = 1, caption_turn: bool = False) -> dict[str, Any]:
     """Sample ``index`` of the QA stream ``(split, seed)``: ``messages``, ``images`` (one PIL image),
     ``question_type`` (cycling through :data:`QUESTION_TYPES`), ``answer`` and ``scene`` (JSON string).
 
     With ``turns > 1`` the conversation goes on with ``turns - 1`` more questions about the same image (the
     next question types in the cycle, repeated questions skipped): more answers to learn from per image. The
     first turn, and the ``question_type`` and ``answer`` columns that describe it, are the same for every
-    ``turns``."""
+    ``turns``. With ``caption_turn`` it ends with "Describe the image." answered by the scene's caption: one answer
+    that names every object's colour, shape and place together."""
     if turns < 1:
         raise ValueError(f"turns must be >= 1, got {turns}")
     rng = _rng("qa", split, seed, index)
@@ -313,6 +314,8 @@ def qa_sample(index: int, seed: int = 0, split: str = "train", image_size: int =
         if follow_up[0] not in asked:
             asked.add(follow_up[0])
             follow_ups.append(follow_up)
+    if caption_turn:
+        follow_ups.append(("Describe the image.", caption_scene(scene)))
     return {
         "messages": qa_messages(question, answer, follow_ups),
         "images": [render_scene(scene, image_size)],
@@ -444,18 +447,18 @@ def caption_dataset(num_train: int = 2000, num_test: int = 200, image_size: int 
 
 
 def qa_dataset(num_train: int = 4000, num_test: int = 400, image_size: int = 64, seed: int = 0,
-               train_turns: int = 1):
+               train_turns: int = 1, caption_turn: bool = False):
     """`datasets.DatasetDict` ``{"train", "test"}`` with columns ``messages`` (HF chat format, see
     :func:`qa_messages`), ``images`` (``List(Image())``, one image), ``question_type``, ``answer`` and
     ``scene`` (JSON string). Question types cycle, so each split is balanced over :data:`QUESTION_TYPES`.
-    ``train_turns`` questions per image in the train split (see :func:`qa_sample`); the test split always
-    asks one."""
+    ``train_turns`` questions per image (and, with ``caption_turn``, a closing caption turn) in the train split
+    (see :func:`qa_sample`); the test split always asks one question."""
     from datasets import DatasetDict
 
     _check_sizes(num_train, num_test)
     return DatasetDict({
-        split: _build("qa", (qa_sample(i, seed, split, image_size, turns) for i in range(n)))
-        for split, n, turns in (("train", num_train, train_turns), ("test", num_test, 1))
+        split: _build("qa", (qa_sample(i, seed, split, image_size, turns, caption) for i in range(n)))
+        for split, n, turns, caption in (("train", num_train, train_turns, caption_turn), ("test", num_test, 1, False))
     })
 
 

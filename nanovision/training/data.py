@@ -27,13 +27,13 @@ def require_columns(dataset: datasets.Dataset, stage: str) -> None:
 
 
 def builtin_dataset(stage: str, num_train: int, num_test: int, image_size: int, seed: int = 0,
-                    turns: int = 1) -> datasets.DatasetDict:
+                    turns: int = 1, caption_turn: bool = False) -> datasets.DatasetDict:
     if stage == "base":
         return shapes.text_dataset(num_train=num_train, num_test=num_test, seed=seed)
     if stage == "vision":
         return shapes.caption_dataset(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed)
     return shapes.qa_dataset(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed,
-                             train_turns=turns)
+                             train_turns=turns, caption_turn=caption_turn)
 
 
 def load_stage_dataset(source: str, stage: str, split: str = "train") -> datasets.Dataset:

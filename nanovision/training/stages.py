@@ -60,12 +60,21 @@ class StageArguments:
     vision_heads: int = 4
     connector_type: str = "pixel_shuffle"
     pixel_shuffle_factor: int = 2
+    connector_position_embedding: bool = field(default=False, metadata={
+        "help": "vision stage, new VLM: add a learned embedding per image-token position to the connector's output "
+                "(NanoVisionConfig.connector_position_embedding)"})
     builtin_train_size: int = 4000
     builtin_turns: int = field(default=1, metadata={"help": "sft stage, built-in data: questions per image in each "
                                                             "training conversation (held-out questions stay one)"})
     tower_pretrain_steps: int = field(default=0, metadata={"help": "vision stage: first pretrain the vision tower and "
                                                                    "connector this many steps on caption-word "
                                                                    "classification (training/tower_pretraining.py)"})
+    tower_pretrain_phrases: bool = field(default=False, metadata={
+        "help": "tower pretraining: also match each caption phrase (split at commas and 'and') to the image where "
+                "one token shows all of its words, which binds colour, shape and place in one token"})
+    builtin_caption_turn: bool = field(default=False, metadata={
+        "help": "sft stage, built-in data: end each training conversation with 'Describe the image.' and the "
+                "caption"})
     tower_pretrain_batch_size: int = 64
     tower_pretrain_lr: float = 1e-3
     train_modules: str | None = field(default=None, metadata={"help": "comma list of vision_tower,connector,"
@@ -116,8 +125,16 @@ class StageArguments:
             raise ValueError("--builtin_turns applies to the sft stage on the built-in data (--dataset builtin) only.")
         if self.builtin_turns < 1:
             raise ValueError(f"--builtin_turns must be >= 1, got {self.builtin_turns}.")
+        if self.builtin_caption_turn and (self.stage != "sft" or self.dataset != "builtin"):
+            raise ValueError("--builtin_caption_turn applies to the sft stage on the built-in data (--dataset builtin) "
+                             "only.")
         if self.tower_pretrain_steps and self.stage != "vision":
             raise ValueError("--tower_pretrain_steps applies to the vision stage (image-caption pairs) only.")
+        if self.tower_pretrain_phrases and not self.tower_pretrain_steps:
+            raise ValueError("--tower_pretrain_phrases changes the tower pretraining: also set --tower_pretrain_steps.")
+        if self.connector_position_embedding and self.stage != "vision":
+            raise ValueError("--connector_position_embedding shapes a new VLM, which the vision stage builds; later "
+                             "stages keep the checkpoint's setting.")
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.push_to_hub and not self.hub_model_id:
@@ -144,11 +161,15 @@ def build_model(args: StageArguments, tokenizer):
         return AutoModelForCausalLM.from_config(config, **kwargs)
     start = AutoConfig.from_pretrained(args.model)
     if isinstance(start, NanoVisionConfig):
+        if args.connector_position_embedding and not start.connector_position_embedding:
+            raise ValueError(f"--connector_position_embedding: {args.model} is a VLM built without it; the flag shapes "
+                             "a new VLM (start the vision stage from the base stage's text model).")
         start.text_config.use_fused_kernels = args.use_fused_kernels
         return AutoModelForImageTextToText.from_pretrained(args.model, config=start, **kwargs)
     if args.stage == "sft":
         raise ValueError(f"--model {args.model} is a text model; the sft stage starts from a VLM (run --stage vision).")
     connector = dict(connector_type=args.connector_type, pixel_shuffle_factor=args.pixel_shuffle_factor,
+                     connector_position_embedding=args.connector_position_embedding,
                      image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
     if args.vision_model:
         model = NanoVisionForConditionalGeneration.from_pretrained_components(args.model, args.vision_model, **connector)
@@ -181,7 +202,8 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     torch.manual_seed(args.seed)
     if args.dataset == "builtin":
         dataset = builtin_dataset(args.stage, args.builtin_train_size, max(1, args.builtin_train_size // 10),
-                                  args.image_size, seed=args.seed, turns=args.builtin_turns)["train"]
+                                  args.image_size, seed=args.seed, turns=args.builtin_turns,
+                                  caption_turn=args.builtin_caption_turn)["train"]
     else:
         dataset = load_stage_dataset(args.dataset, args.stage, args.dataset_split)
     tokenizer = load_tokenizer(args, dataset)
@@ -191,7 +213,8 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if args.tower_pretrain_steps:
         pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, args.output_dir,
                               batch_size=args.tower_pretrain_batch_size,
-                              learning_rate=args.tower_pretrain_lr, seed=args.seed, bf16=args.bf16)
+                              learning_rate=args.tower_pretrain_lr, seed=args.seed, bf16=args.bf16,
+                              phrases=args.tower_pretrain_phrases)
     if is_vlm:
         wanted = set(args.train_modules.split(","))
         model.set_trainable(**{part: part in wanted for part in PARTS})

@@ -6,9 +6,17 @@ steps than a small run has. Here every image token (tower + connector output) is
 model's own input embeddings; each word's score is its best image token's (max over tokens), and a softmax over
 the vocabulary is fitted to the caption's bag of words. Image tokens thereby land near the embeddings of the words
 that describe their region ("red", "circle", "left"), which the language model already reads.
+
+The bag of words does not say which words belong together: a token may show "red" while another shows "circle".
+With `phrases`, each caption phrase ("a red circle on the left"; captions split at commas and "and") is also matched
+against the images of the batch: its score on an image is its best token's mean score over the phrase's words, and
+a softmax over the images is fitted to the images whose captions hold that phrase. A phrase then only scores high
+where one token shows its colour, shape and place together, the binding that questions like "What color is the
+shape on the left?" need.
 """
 
 import logging
+import re
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +25,12 @@ from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger("nanovision")
 
+PHRASE_SEPARATOR = re.compile(r"\s*,\s*|\s+and\s+")
+
 
 class CaptionWordsObjective(nn.Module):
-    """Wraps a `NanoVisionForConditionalGeneration`; `forward(pixel_values, word_targets)` returns the loss.
+    """Wraps a `NanoVisionForConditionalGeneration`; `forward(pixel_values, word_targets, phrase_words=None,
+    phrase_images=None)` returns the loss (the phrase term when the collator made phrases).
     Only the vision tower, the connector and a learned scale/bias are trained: the word embeddings are a frozen
     copy of the language model's."""
 
@@ -31,41 +42,63 @@ class CaptionWordsObjective(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(10.0))
         self.word_bias = nn.Parameter(torch.zeros(words.shape[0]))
 
-    def forward(self, pixel_values, word_targets):
+    def forward(self, pixel_values, word_targets, phrase_words=None, phrase_images=None):
         image_tokens = self.vision.get_image_features(pixel_values).pooler_output.float()
-        scores = self.logit_scale * F.normalize(image_tokens, dim=-1) @ self.word_directions.T + self.word_bias
-        logits = scores.max(dim=1).values  # [images, vocab]: a word is in the image if some token shows it
+        token_scores = self.logit_scale * F.normalize(image_tokens, dim=-1) @ self.word_directions.T
+        logits = (token_scores + self.word_bias).max(dim=1).values  # [images, vocab]: some token shows the word
         targets = word_targets / word_targets.sum(-1, keepdim=True)
-        return {"loss": -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()}
+        loss = -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        if phrase_words is not None:
+            # [phrases, images]: a phrase matches an image where one token shows all of its words
+            phrase_scores = torch.einsum("itv,pv->pit", token_scores, phrase_words).max(dim=-1).values
+            targets = phrase_images / phrase_images.sum(-1, keepdim=True)
+            loss = loss - (targets * F.log_softmax(phrase_scores, dim=-1)).sum(-1).mean()
+        return {"loss": loss}
 
 
 class CaptionWordsCollator:
     """`{"image", "caption"}` rows -> pixel values and the caption's bag of words (multi-hot over the vocabulary;
-    special tokens excluded)."""
+    special tokens excluded). With `phrases`, also the batch's distinct caption phrases as word weights
+    (`phrase_words`, [phrases, vocab], each row summing to 1) and which images hold each (`phrase_images`,
+    [phrases, images], 0/1)."""
 
-    def __init__(self, image_processor, tokenizer):
+    def __init__(self, image_processor, tokenizer, phrases: bool = False):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.special_ids = tokenizer.all_special_ids
+        self.phrases = phrases
+
+    def words(self, texts):
+        targets = torch.zeros(len(texts), len(self.tokenizer))
+        for index, text in enumerate(texts):
+            targets[index, self.tokenizer(text, add_special_tokens=False)["input_ids"]] = 1
+        targets[:, self.special_ids] = 0
+        return targets
 
     def __call__(self, rows):
         pixel_values = self.image_processor([row["image"] for row in rows], return_tensors="pt")["pixel_values"]
-        targets = torch.zeros(len(rows), len(self.tokenizer))
-        for index, row in enumerate(rows):
-            targets[index, self.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]] = 1
-        targets[:, self.special_ids] = 0
+        targets = self.words([row["caption"] for row in rows])
         empty = targets.sum(-1) == 0
         if empty.any():
             raise ValueError(f"Caption(s) {[rows[i]['caption'] for i in empty.nonzero()[:, 0].tolist()]!r} have no "
                              f"words: the tower pretraining needs non-empty captions in the `caption` column.")
-        return {"pixel_values": pixel_values, "word_targets": targets}
+        batch = {"pixel_values": pixel_values, "word_targets": targets}
+        if self.phrases:
+            per_image = [set(filter(None, PHRASE_SEPARATOR.split(row["caption"].strip().rstrip(".")))) for row in rows]
+            phrases = sorted(set().union(*per_image))
+            words = self.words(phrases)
+            batch["phrase_words"] = words / words.sum(-1, keepdim=True).clamp(min=1)
+            batch["phrase_images"] = torch.tensor([[float(p in image) for image in per_image] for p in phrases])
+        return batch
 
 
 def pretrain_vision_tower(model, processor, dataset, steps: int, output_dir: str, batch_size: int = 64,
-                          learning_rate: float = 1e-3, seed: int = 0, bf16: bool = False) -> float:
+                          learning_rate: float = 1e-3, seed: int = 0, bf16: bool = False,
+                          phrases: bool = False) -> float:
     """Train `model`'s vision tower and connector for `steps` steps on `dataset` (`image`, `caption` columns)
     with the HF Trainer. Leaves the language model frozen and the tower and connector trainable: the caller sets
-    the parts its next training trains. Returns the mean training loss."""
+    the parts its next training trains. `phrases`: add the phrase-matching term (module docstring). Returns the
+    mean training loss."""
     model.set_trainable(vision_tower=True, connector=True, language_model=False)
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
@@ -74,7 +107,7 @@ def pretrain_vision_tower(model, processor, dataset, steps: int, output_dir: str
         dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=CaptionWordsObjective(model), args=args, train_dataset=dataset,
-                      data_collator=CaptionWordsCollator(processor.image_processor, processor.tokenizer))
+                      data_collator=CaptionWordsCollator(processor.image_processor, processor.tokenizer, phrases))
     loss = trainer.train().training_loss
     logger.info("vision tower pretraining: %d steps, mean loss %.3f", steps, loss)
     return loss
