@@ -45,12 +45,23 @@ def nanovision_model(s, attn, block, fused):
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
 
 
+def fp32_norm_outputs(model):
+    """The fused model as it was before its layer norms wrote their outputs in the autocast dtype (ablation)."""
+    for module in model.modules():
+        if hasattr(module, "autocast_output"):
+            module.autocast_output = False
+    return model
+
+
 # name -> (builder, attention implementation, sdpa backend or None, compile)
 VARIANTS = {
     "llama sdpa (eager)": (lambda s: llama_model(s, "sdpa"), None, False),
     "llama sdpa + compile": (lambda s: llama_model(s, "sdpa"), None, True),
     "nanovision llama-block sdpa": (lambda s: nanovision_model(s, "sdpa", "llama", False), None, False),
     "+ fused kernels": (lambda s: nanovision_model(s, "sdpa", "llama", True), None, False),
+    "+ fused kernels + cuDNN, fp32 norm outputs": (lambda s: fp32_norm_outputs(nanovision_model(s, "sdpa", "llama",
+                                                                                                  True)),
+                                                   SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN attention": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                           SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN + compile": (lambda s: nanovision_model(s, "sdpa", "llama", True),

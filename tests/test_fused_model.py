@@ -100,8 +100,14 @@ def test_fused_model_under_bf16_autocast_matches_eager():
     eager, fused = pair("llama")
     eager.train(), fused.train()
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(4))
+    layer = fused.model.layers[0]
+    assert layer.input_layernorm.autocast_output and layer.post_attention_layernorm.autocast_output
+    assert not fused.model.norm.autocast_output  # feeds the head, kept in the residual's precision
+    outputs = []
+    layer.input_layernorm.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, actual = eager(ids, labels=ids).loss, fused(ids, labels=ids).loss
+    assert outputs == [torch.bfloat16]  # the projections share one bf16 copy instead of casting three
     actual.backward()
     assert actual.dtype == torch.float32 and fused.lm_head.weight.grad.dtype == torch.float32
     torch.testing.assert_close(actual, expected, atol=2e-2, rtol=2e-2)

@@ -151,6 +151,26 @@ def test_rms_norm(poison, shape, dtype, with_weight, with_residual):
         assert_close(g, gr, dtype, name)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_out_dtype_rounds_the_fp32_result_once(poison, out_dtype):
+    # what an autocast projection would do with the fp32 output (cast it), done by the kernel's store
+    _seed("rms_out", out_dtype)
+    x, w, r = leaf(rand(5, 96, scale=2.0)), leaf(rand(96, scale=0.3, offset=1.0)), leaf(rand(5, 96))
+    (y, s), (y32, s32) = tri_rms_norm(x, w, 1e-6, r, out_dtype), tri_rms_norm(x, w, 1e-6, r)
+    assert y.dtype == out_dtype and s.dtype == torch.float32 and torch.equal(s, s32)
+    ref, ref_s = rms_norm_reference(x, w, 1e-6, r, out_dtype)
+    assert torch.equal(ref_s, s) and torch.equal(ref, y32.to(out_dtype))
+    # fp16: the same bits as casting afterwards; bf16: the CPU interpreter rounds toward zero, so within one ulp
+    ulp = 0 if out_dtype == torch.float16 else 2**-7
+    torch.testing.assert_close(y, ref, atol=0, rtol=ulp)
+    gy, gs = rand(5, 96).to(out_dtype), rand(5, 96)
+    grads = torch.autograd.grad((y.float() * gy.float()).sum() + (s * gs).sum(), (x, w, r))
+    expected = torch.autograd.grad((y32 * gy.float()).sum() + (s32 * gs).sum(), (x, w, r))
+    for g, e in zip(grads, expected):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
 def test_rms_norm_matches_eager_fp32_and_many_rows(poison):
     # more rows than one backward program covers -> exercises the partial dW reduction
     _seed("rms_many")

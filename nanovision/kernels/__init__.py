@@ -156,12 +156,13 @@ def _backend(op: str, t: torch.Tensor) -> str:
     return b
 
 
-def rms_norm(x, weight=None, eps: float = 1e-6, residual=None):
-    """RMSNorm over the last dim; with `residual` returns (norm(x + residual), x + residual)."""
+def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, out_dtype=None):
+    """RMSNorm over the last dim; with `residual` returns (norm(x + residual), x + residual); the normalised output
+    in `out_dtype` if given."""
     b = _backend("rms_norm", x)
     if b == "triton":
-        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual)
-    return _run_reference("rms_norm", b, x, weight, eps, residual)
+        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual, out_dtype)
+    return _run_reference("rms_norm", b, x, weight, eps, residual, out_dtype)
 
 
 def swiglu(gate, up):

@@ -25,6 +25,8 @@ RMSNORM_CLASS_NAMES = frozenset({"NanoVisionRMSNorm"})
 MLP_CLASS_NAMES = frozenset({"NanoVisionTextMLP"})
 ATTENTION_CLASS_NAMES = frozenset({"NanoVisionTextAttention"})
 LM_CLASS_NAMES = frozenset({"NanoVisionForCausalLM", "NanoVisionForConditionalGeneration"})
+# The decoder layer's norms whose outputs only feed projections (q/k/v, gate/up)
+PROJECTION_INPUT_NORMS = frozenset({"input_layernorm", "post_attention_layernorm"})
 
 _PLAIN_TYPES = (bool, int, float, str, type(None), tuple)
 _SKIP_ATTRS = frozenset({"forward", "training"})
@@ -53,29 +55,39 @@ def _adopt(src: nn.Module, dst: nn.Module) -> None:
 
 
 class FusedRMSNorm(nn.Module):
-    """RMSNorm calling the fused kernel; forward(hidden_states, residual=None) like NanoVisionRMSNorm."""
+    """RMSNorm calling the fused kernel; forward(hidden_states, residual=None) like NanoVisionRMSNorm.
 
-    def __init__(self, weight: Optional[nn.Parameter] = None, eps: float = 1e-6):
+    `autocast_output`: under autocast, write the output in the autocast dtype. For a norm whose output only feeds
+    projections: each projection would otherwise cast the fp32 output itself and keep its own low-precision copy
+    for backward (three copies for q/k/v, two for gate/up); the numbers are the same.
+    """
+
+    def __init__(self, weight: Optional[nn.Parameter] = None, eps: float = 1e-6, autocast_output: bool = False):
         super().__init__()
         if weight is None:
             self.register_parameter("weight", None)
         else:
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.eps = float(eps)
+        self.autocast_output = autocast_output
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> "FusedRMSNorm":
+    def from_module(cls, module: nn.Module, autocast_output: bool = False) -> "FusedRMSNorm":
         eps = getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6))
-        new = cls(getattr(module, "weight", None), eps)
+        new = cls(getattr(module, "weight", None), eps, autocast_output)
         _adopt(module, new)
         return new
 
     def forward(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual)
+        device = hidden_states.device.type
+        out_dtype = None
+        if self.autocast_output and torch.is_autocast_enabled(device):
+            out_dtype = torch.get_autocast_dtype(device)
+        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype)
 
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else "no weight"
-        return f"{shape}, eps={self.eps}"
+        return f"{shape}, eps={self.eps}, autocast_output={self.autocast_output}"
 
 
 class FusedMLP(nn.Module):
@@ -140,7 +152,8 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         for name, child in list(parent.named_children()):
             cls_name = type(child).__name__
             if "rms_norm" in counts and cls_name in RMSNORM_CLASS_NAMES:
-                _swap(parent, name, child, "rms_norm", FusedRMSNorm.from_module)
+                _swap(parent, name, child, "rms_norm", lambda module: FusedRMSNorm.from_module(
+                    module, autocast_output=name in PROJECTION_INPUT_NORMS))
             elif "swiglu" in counts and cls_name in MLP_CLASS_NAMES:
                 _swap(parent, name, child, "swiglu", FusedMLP.from_module)
 

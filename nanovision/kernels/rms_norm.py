@@ -30,11 +30,14 @@ def rms_norm_reference(
     weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     s = x if residual is None else x + residual
     y = (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
     if weight is not None:
         y = y * weight
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     return y if residual is None else (y, s)
 
 
@@ -186,7 +189,7 @@ def _bwd_config(n_cols: int):
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, residual, eps):
+    def forward(ctx, x, weight, residual, eps, out_dtype):
         n_cols = x.shape[-1]
         x2 = _as_rows(x, n_cols)
         n_rows = x2.shape[0]
@@ -198,6 +201,7 @@ class RMSNormFunction(torch.autograd.Function):
             s_dtype = x.dtype
             r2, s2 = x2, x2
         y_dtype = s_dtype if weight is None else torch.promote_types(s_dtype, weight.dtype)
+        y_dtype = out_dtype or y_dtype
         y2 = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x.device)
         rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
         if weight is not None:
@@ -280,7 +284,7 @@ class RMSNormFunction(torch.autograd.Function):
             dres = ds.to(ctx.r_dtype)
             if ctx.r_shape != ctx.x_shape:  # broadcast residual
                 dres = dres.sum_to_size(ctx.r_shape)
-        return dx, dw, dres, None
+        return dx, dw, dres, None, None
 
 
 def rms_norm(
@@ -288,6 +292,8 @@ def rms_norm(
     weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Triton RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual)."""
-    return RMSNormFunction.apply(x, weight, residual, eps)
+    """Triton RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual). `out_dtype`:
+    write the normalised output in this dtype (computed in fp32, rounded once) instead of the inputs' dtype."""
+    return RMSNormFunction.apply(x, weight, residual, eps, out_dtype)
