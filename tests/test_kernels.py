@@ -42,10 +42,15 @@ from nanovision.kernels.rms_norm import rms_norm as tri_rms_norm, rms_norm_refer
 from nanovision.kernels.rope import apply_rotary as tri_rope, apply_rotary_reference  # noqa: E402
 from nanovision.kernels.swiglu import (  # noqa: E402
     relu2 as tri_relu2,
+    relu2_linear as tri_relu2_linear,
+    relu2_linear_reference,
     relu2_reference,
     swiglu as tri_swiglu,
+    swiglu_linear as tri_swiglu_linear,
+    swiglu_linear_reference,
     swiglu_reference,
 )
+from nanovision.modeling_nanovision import NanoVisionZeroInitLinear  # noqa: E402
 
 DEVICE = "cuda" if _ON_CUDA else "cpu"
 if _ON_CUDA and not torch.cuda.is_available():
@@ -284,6 +289,54 @@ def test_swiglu_relu2_non_contiguous(poison):
     assert_close(gx, gx_ref, F32, "relu2 dx")
 
 
+def _act_linear(act, gate, up, w, b, fused):
+    """The activation + down projection, as the fused op (fused=True), as the unfused Triton activation then
+    F.linear (fused=False), or as the reference (fused=None)."""
+    if fused is None:
+        return swiglu_linear_reference(gate, up, w, b) if act == "swiglu" else relu2_linear_reference(up, w, b)
+    if fused:
+        return tri_swiglu_linear(gate, up, w, b) if act == "swiglu" else tri_relu2_linear(up, w, b)
+    return F.linear(tri_swiglu(gate, up) if act == "swiglu" else tri_relu2(up), w, b)
+
+
+@pytest.mark.parametrize("shape", [(7, 100), (2, 3, 100)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["swiglu", "relu2"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_act_linear(poison, shape, dtype, act, with_bias):
+    _seed("act_linear", shape, dtype, act, with_bias)
+    g, u = leaf(rand(*shape, dtype=dtype, scale=3.0)), leaf(rand(*shape, dtype=dtype, scale=2.0))
+    w = leaf(rand(48, shape[-1], dtype=dtype, scale=shape[-1] ** -0.5))
+    b = leaf(rand(48, dtype=dtype)) if with_bias else None
+    g64, u64, w64, b64 = (None if t is None else f64(t) for t in (g, u, w, b))
+    out = _act_linear(act, g, u, w, b, fused=True)
+    ref = _act_linear(act, g64, u64, w64, b64, fused=None)
+    assert out.dtype == dtype and out.shape == shape[:-1] + (48,)
+    assert_close(out, ref, dtype, "out")
+    # the same bits as the activation kernel followed by F.linear
+    assert torch.equal(out, _act_linear(act, g, u, w, b, fused=False))
+    go = rand(*out.shape, dtype=dtype)
+    used = [i for i, t in enumerate((g, u, w, b)) if t is not None and (i > 0 or act == "swiglu")]
+    grads = torch.autograd.grad((out * go).sum(), [(g, u, w, b)[i] for i in used])
+    grads_ref = torch.autograd.grad((ref * go.double()).sum(), [(g64, u64, w64, b64)[i] for i in used])
+    for i, a, r in zip(used, grads, grads_ref):
+        name = ("dgate", "dup", "dweight", "dbias")[i]
+        assert a.dtype == dtype
+        assert_close(a, r, dtype, name)
+
+
+def test_act_linear_frozen_weight_and_dtype_check(poison):
+    _seed("act_linear_frozen")
+    g, u, w = leaf(rand(5, 64, scale=3.0)), leaf(rand(5, 64)), rand(24, 64, scale=0.1)
+    out = tri_swiglu_linear(g, u, w)  # no weight gradient: the activation is not rebuilt
+    a = torch.autograd.grad(out.sum(), (g, u))
+    b = torch.autograd.grad(F.linear(tri_swiglu(g, u), w).sum(), (g, u))
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(TypeError, match="activation dtype"):
+        tri_relu2_linear(u.to(BF16), w)
+
+
 # --------------------------------------------------------------------------- #
 # RoPE
 # --------------------------------------------------------------------------- #
@@ -511,8 +564,27 @@ def test_forced_eager_backend(monkeypatch):
         h, w, labels = _flce_inputs(10, 16, 50, F32)
         torch.testing.assert_close(K.fused_linear_cross_entropy(h, w, labels),
                                    linear_cross_entropy_reference(h, w, labels))
+        g, u, w = rand(3, 32), rand(3, 32), rand(8, 32)
+        torch.testing.assert_close(K.swiglu_linear(g, u, w), swiglu_linear_reference(g, u, w))
+        torch.testing.assert_close(K.relu2_linear(u, w), relu2_linear_reference(u, w))
     finally:
         monkeypatch.delenv("NANOVISION_KERNEL_BACKEND")
+        K._reset_backends()
+
+
+@pytest.mark.skipif(_ON_CUDA, reason="CPU tensors without the interpreter")
+def test_act_linear_falls_back_per_call_without_interpreter(monkeypatch):
+    # triton chosen for the process, but CPU tensors and no interpreter: the call must take the fallback backend
+    K._reset_backends()
+    try:
+        assert K.kernel_backends()["swiglu"] == "triton"
+        monkeypatch.setattr(K, "_interpret", lambda: False)
+        monkeypatch.setattr(K, "_FALLBACK", "eager")  # not torch_compile: no inductor build on a test CPU
+        monkeypatch.setattr(K._swiglu_mod, "ActLinearFunction", None)  # the Triton path would fail loudly
+        g, u, w, b = rand(3, 32), rand(3, 32), rand(8, 32), rand(8)
+        torch.testing.assert_close(K.swiglu_linear(g, u, w, b), swiglu_linear_reference(g, u, w, b))
+        torch.testing.assert_close(K.relu2_linear(u, w, b), relu2_linear_reference(u, w, b))
+    finally:
         K._reset_backends()
 
 
@@ -703,3 +775,71 @@ def test_fused_modules_standalone():
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
         (g1,), (g2,) = torch.autograd.grad(y1.sum(), (x1,)), torch.autograd.grad(y2.sum(), (x2,))
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def _mlp_pair(mlp_type, bias, seed="mlp_pair"):
+    """(FusedMLP, the same weights taking the old path): the model's NanoVisionZeroInitLinear down_proj, and a no-op
+    hook on the copy's, which makes FusedMLP call it as a module (activation, then down_proj(h))."""
+    _seed(seed, mlp_type, bias)
+    mlp = NanoVisionTextMLP(32, 72, mlp_type)
+    mlp.down_proj = NanoVisionZeroInitLinear(72, 32, bias=bias)
+    nn.init.normal_(mlp.down_proj.weight, std=0.1)
+    fused = K.FusedMLP.from_module(mlp.to(DEVICE))
+    old = copy.deepcopy(fused)
+    old.down_proj.register_forward_hook(lambda module, args, out: None)
+    return fused, old
+
+
+@pytest.mark.parametrize("mlp_type", ["swiglu", "relu2"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_mlp_act_linear_matches_old_path(monkeypatch, mlp_type, bias, autocast):
+    fused, old = _mlp_pair(mlp_type, bias)
+    calls = []
+    for name in ("swiglu_linear", "relu2_linear"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    x1 = leaf(rand(2, 5, 32))
+    x2 = leaf(x1)
+    with torch.autocast(DEVICE, dtype=BF16, enabled=autocast):
+        y1, y2 = fused(x1), old(x2)
+    assert calls == [f"{mlp_type}_linear"]  # the fused op ran for `fused` only
+    assert y1.dtype == (BF16 if autocast else F32)
+    # the same ops on the same numbers: equal outputs (weight gradients: the same sums, possibly in another order)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    go = rand(*y1.shape)
+    (y1.float() * go).sum().backward()
+    (y2.float() * go).sum().backward()
+    tol = dict(rtol=1e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    old_params = dict(old.named_parameters())
+    for name, p in fused.named_parameters():
+        assert p.grad.dtype == F32, name  # the fp32 master gradient, through autograd's cast
+        torch.testing.assert_close(p.grad, old_params[name].grad, **tol, msg=name)
+
+
+@pytest.mark.parametrize("mlp_type", ["swiglu", "relu2"])
+def test_fused_mlp_does_not_save_the_activation(mlp_type):
+    """Under bf16 autocast the old path's down_proj keeps its own bf16 copy of h = act(gate, up); the fused op keeps
+    only gate/up (which the activation's backward needs anyway)."""
+    fused, old = _mlp_pair(mlp_type, bias=False)
+    x = leaf(rand(2, 5, 32))
+    h_bytes = 2 * 5 * 72 * 2  # bf16 [2, 5, 72]; no other saved tensor has this size
+
+    def saved(mlp):
+        """{storage: bytes} of the tensors autograd keeps (storages, not shapes: linear may save a 2D view)."""
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(DEVICE, dtype=BF16):
+                mlp(x)
+        return storages
+
+    new, before = saved(fused), saved(old)
+    acts = 2 if mlp_type == "swiglu" else 1  # gate and up, or up
+    assert list(new.values()).count(h_bytes) == acts and list(before.values()).count(h_bytes) == acts + 1
+    assert sum(before.values()) - sum(new.values()) >= h_bytes, (before, new)

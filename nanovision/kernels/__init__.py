@@ -38,10 +38,14 @@ _REFERENCES = {
     "rms_norm": _rms_mod.rms_norm_reference,
     "swiglu": _swiglu_mod.swiglu_reference,
     "relu2": _swiglu_mod.relu2_reference,
+    "swiglu_linear": _swiglu_mod.swiglu_linear_reference,
+    "relu2_linear": _swiglu_mod.relu2_linear_reference,
     "rope": _rope_mod.apply_rotary_reference,
     "linear_ce": _flce_mod.linear_cross_entropy_reference,
 }
-_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "rope": "rope", "linear_ce": "linear_ce"}
+# the activation + down projection ops belong to the "swiglu" op: FusedMLP is what applies either
+_OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "swiglu_linear": "swiglu",
+          "relu2_linear": "swiglu", "rope": "rope", "linear_ce": "linear_ce"}
 
 _BACKENDS: Optional[Dict[str, str]] = None
 _FALLBACK: Optional[str] = None
@@ -181,6 +185,23 @@ def relu2(x):
     return _run_reference("relu2", b, x)
 
 
+def swiglu_linear(gate, up, weight, bias=None):
+    """F.linear(silu(gate) * up, weight, bias); the Triton backend keeps gate/up but not the activation for backward.
+    weight/bias in the activation's dtype (under autocast, cast them first)."""
+    b = _backend("swiglu", gate)
+    if b == "triton":
+        return _triton(_swiglu_mod.swiglu_linear)(gate, up, weight, bias)
+    return _run_reference("swiglu_linear", b, gate, up, weight, bias)
+
+
+def relu2_linear(x, weight, bias=None):
+    """F.linear(relu(x) ** 2, weight, bias); like swiglu_linear."""
+    b = _backend("swiglu", x)
+    if b == "triton":
+        return _triton(_swiglu_mod.relu2_linear)(x, weight, bias)
+    return _run_reference("relu2_linear", b, x, weight, bias)
+
+
 def apply_rotary(q, k, cos, sin):
     """HF rotate_half RoPE: q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B or 1, T, D] -> (q_rot, k_rot)."""
     b = _backend("rope", q)
@@ -240,6 +261,8 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "relu2",
+    "swiglu_linear",
+    "relu2_linear",
     "apply_rotary",
     "fused_linear_cross_entropy",
     "varlen_attention",

@@ -90,8 +90,23 @@ class FusedRMSNorm(nn.Module):
         return f"{shape}, eps={self.eps}, autocast_output={self.autocast_output}"
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether calling `module` is exactly F.linear(input, module.weight, module.bias): an nn.Linear, or a subclass
+    that keeps its forward (NanoVisionZeroInitLinear), with no module or global hooks (tensor parallelism, LoRA
+    wrappers, quantised or float8 linears and hook-based tools all fail this and keep their own forward)."""
+    from torch.nn.modules import module as _module
+
+    if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+        return False
+    local = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    global_ = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+               _module._global_backward_pre_hooks)
+    return not any(local) and not any(global_)
+
+
 class FusedMLP(nn.Module):
-    """down_proj(swiglu(gate_proj(x), up_proj(x))) or down_proj(relu2(up_proj(x)))."""
+    """down_proj(swiglu(gate_proj(x), up_proj(x))) or down_proj(relu2(up_proj(x))); the activation and a plain
+    nn.Linear down_proj run as one op that does not keep the activation for backward."""
 
     def __init__(self, mlp_type: str = "swiglu"):
         super().__init__()
@@ -111,11 +126,24 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _ops()
-        if self.mlp_type == "swiglu":
-            h = ops.swiglu(self.gate_proj(x), self.up_proj(x))
-        else:
-            h = ops.relu2(self.up_proj(x))
-        return self.down_proj(h)
+        gate = self.gate_proj(x) if self.mlp_type == "swiglu" else None
+        up = self.up_proj(x)
+        down = self.down_proj
+        if _is_plain_linear(down):
+            # The activation and down projection as one op, which keeps gate/up (kept anyway for the activation's
+            # backward) but not the activation itself (B*T*intermediate) that down_proj would keep for its weight
+            # gradient. The weight is cast here, as an autocast linear would, so that autograd's cast turns the
+            # low-precision weight gradient into the fp32 master one.
+            device = up.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else down.weight.dtype
+            act_dtype = up.dtype if gate is None else torch.promote_types(gate.dtype, up.dtype)
+            if act_dtype == dtype:  # else down_proj(h) would cast h or fail: leave that to it
+                weight = down.weight.to(dtype)
+                bias = None if down.bias is None else down.bias.to(dtype)
+                if gate is None:
+                    return ops.relu2_linear(up, weight, bias)
+                return ops.swiglu_linear(gate, up, weight, bias)
+        return down(ops.relu2(up) if gate is None else ops.swiglu(gate, up))
 
     def extra_repr(self) -> str:
         return f"mlp_type={self.mlp_type!r}"
