@@ -53,6 +53,15 @@ def fp32_norm_outputs(model):
     return model
 
 
+def mlp_keeps_activation(model):
+    """The fused model as it was before its MLP rebuilt the activation in backward (ablation): a no-op hook on each
+    down projection sends FusedMLP down its unfused path, where down_proj keeps its own copy of the activation."""
+    for module in model.modules():
+        if type(module).__name__ == "FusedMLP":
+            module.down_proj.register_forward_hook(lambda *args: None)
+    return model
+
+
 # name -> (builder, attention implementation, sdpa backend or None, compile)
 VARIANTS = {
     "llama sdpa (eager)": (lambda s: llama_model(s, "sdpa"), None, False),
@@ -62,12 +71,16 @@ VARIANTS = {
     "+ fused kernels + cuDNN, fp32 norm outputs": (lambda s: fp32_norm_outputs(nanovision_model(s, "sdpa", "llama",
                                                                                                   True)),
                                                    SDPBackend.CUDNN_ATTENTION, False),
+    "+ fused kernels + cuDNN, MLP keeps its activation": (
+        lambda s: mlp_keeps_activation(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN attention": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                           SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN + compile": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                           SDPBackend.CUDNN_ATTENTION, True),
     "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
                                              SDPBackend.CUDNN_ATTENTION, True),
+    "nanovision nanochat-block, fused + cuDNN": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
+                                                 SDPBackend.CUDNN_ATTENTION, False),
     "nanovision nanochat-block, best": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
                                         SDPBackend.CUDNN_ATTENTION, True),
 }
