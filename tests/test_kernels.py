@@ -61,6 +61,9 @@ DTYPES = [F32, BF16]
 # relative L2 error bounds vs float64 (bf16 is loose: bf16 rounding, and the Triton
 # interpreter truncates when casting fp32 -> bf16)
 REL_TOL = {F32: 2e-5, BF16: 2e-2, F16: 5e-3}
+# RMSNorm gradients from n rebuilt out of a bf16 / fp16 output (2^-8 / 2^-11 relative rounding; the interpreter's
+# truncation to bf16 biases the weight gradient's sums)
+REBUILT_TOL = {BF16: 1e-2, F16: 2e-3}
 
 
 # --------------------------------------------------------------------------- #
@@ -97,6 +100,21 @@ def assert_close(out, ref, dtype, name="", tol=None):
     assert worst <= 8 * atol, f"{name}: max abs error {worst:.3e} > {8 * atol:.3e}"
 
 
+def saved_bytes(fn):
+    """nbytes of each distinct storage autograd keeps while fn() runs under bf16 autocast (storages, not shapes:
+    linear may save a 2D view of its input)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(DEVICE, dtype=BF16):
+            fn()
+    return list(storages.values())
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every floating tensor made with torch.empty / empty_like with NaN."""
@@ -124,12 +142,26 @@ RMS_SHAPES = [(1, 64), (7, 100), (33, 320), (2, 3, 100)]
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm(poison, shape, dtype, with_weight, with_residual):
     _seed("rms", shape, dtype, with_weight, with_residual)
+    _check_rms_norm(shape, dtype, with_weight, with_residual)
+
+
+@pytest.mark.parametrize("out_dtype", [BF16, F16])
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_narrow_output_backward_from_the_output(poison, out_dtype, with_weight, with_residual):
+    """fp32 input, bf16 / fp16 output (autocast_output): the backward rebuilds n = y / w from the output it keeps
+    instead of the fp32 input, so the gradients carry the output's rounding (the projections' precision)."""
+    _seed("rms_narrow", out_dtype, with_weight, with_residual)
+    _check_rms_norm((33, 320), F32, with_weight, with_residual, out_dtype, REBUILT_TOL[out_dtype])
+
+
+def _check_rms_norm(shape, dtype, with_weight, with_residual, out_dtype=None, grad_tol=None):
     hidden = shape[-1]
     x = leaf(rand(*shape, dtype=dtype, scale=2.0, offset=0.5))
     w = leaf(rand(hidden, dtype=dtype, scale=0.3, offset=1.0)) if with_weight else None
     r = leaf(rand(*shape, dtype=dtype)) if with_residual else None
 
-    out = tri_rms_norm(x, w, 1e-6, r)
+    out = tri_rms_norm(x, w, 1e-6, r, out_dtype)
     x64, w64, r64 = f64(x), (f64(w) if w is not None else None), (f64(r) if r is not None else None)
     ref = rms_norm_reference(x64, w64, 1e-6, r64)
 
@@ -139,10 +171,11 @@ def test_rms_norm(poison, shape, dtype, with_weight, with_residual):
         assert_close(s, s_ref, dtype, "sum")
     else:
         y, y_ref = out, ref
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, y_ref, dtype, "y")
+    y_dtype = out_dtype or dtype
+    assert y.dtype == y_dtype and y.shape == x.shape
+    assert_close(y, y_ref, y_dtype, "y")
 
-    gy = rand(*shape, dtype=dtype)
+    gy = rand(*shape, dtype=y_dtype)
     loss, loss_ref = (y * gy).sum(), (y_ref * gy.double()).sum()
     if with_residual:
         gs = rand(*shape, dtype=dtype)
@@ -153,7 +186,7 @@ def test_rms_norm(poison, shape, dtype, with_weight, with_residual):
     grads_ref = torch.autograd.grad(loss_ref, inputs64)
     for name, g, gr in zip(("dx", "dw", "dr") if with_weight else ("dx", "dr"), grads, grads_ref):
         assert g.dtype == dtype
-        assert_close(g, gr, dtype, name)
+        assert_close(g, gr, dtype, name, grad_tol)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
@@ -168,12 +201,47 @@ def test_rms_norm_out_dtype_rounds_the_fp32_result_once(poison, out_dtype):
     # fp16: the same bits as casting afterwards; bf16: the CPU interpreter rounds toward zero, so within one ulp
     ulp = 0 if out_dtype == torch.float16 else 2**-7
     torch.testing.assert_close(y, ref, atol=0, rtol=ulp)
+    # the backward rebuilds n from the rounded output: the fp32 output's gradients to that precision
     gy, gs = rand(5, 96).to(out_dtype), rand(5, 96)
     grads = torch.autograd.grad((y.float() * gy.float()).sum() + (s * gs).sum(), (x, w, r))
     expected = torch.autograd.grad((y32 * gy.float()).sum() + (s32 * gs).sum(), (x, w, r))
-    for g, e in zip(grads, expected):
+    for name, g, e in zip(("dx", "dw", "dr"), grads, expected):
         assert g.dtype == torch.float32
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        assert_close(g, e, F32, name, REBUILT_TOL[out_dtype])
+
+
+class _DataWritingOptimizer(torch.optim.Optimizer):
+    """Zeroes entry 7 through .data, which (like AdamW(fused=True)) leaves the weight's version counter alone."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        for p in self.param_groups[0]["params"]:
+            p.data[7] = 0.0
+
+
+@pytest.mark.parametrize("zeroed_by", ["in_place", "optimizer"])
+def test_rms_norm_narrow_output_with_a_zero_weight_keeps_the_input(poison, zeroed_by):
+    """y / w is undefined where w == 0: such a weight keeps s for the backward, which gives the fp32 output's
+    gradients exactly. The check is cached per weight until it changes: a zero that appears later is seen."""
+    _seed("rms_zero_w", zeroed_by)
+    x, w, r = leaf(rand(5, 96, scale=2.0)), leaf(rand(96, scale=0.3, offset=1.0)), leaf(rand(5, 96))
+    gy, gs = rand(5, 96).to(BF16), rand(5, 96)
+
+    def grads(out_dtype):
+        y, s = tri_rms_norm(x, w, 1e-6, r, out_dtype)
+        return torch.autograd.grad((y.float() * gy.float()).sum() + (s * gs).sum(), (x, w, r))
+
+    assert not all(torch.equal(g, e) for g, e in zip(grads(BF16), grads(None)))  # rebuilt from y: not the same
+    if zeroed_by == "in_place":
+        with torch.no_grad():
+            w[7] = 0.0
+    else:
+        _DataWritingOptimizer([w]).step()
+    assert w[7] == 0
+    for g, e in zip(grads(BF16), grads(None)):
+        assert torch.isfinite(g).all() and torch.equal(g, e)
 
 
 def test_rms_norm_matches_eager_fp32_and_many_rows(poison):
@@ -572,6 +640,36 @@ def test_forced_eager_backend(monkeypatch):
         K._reset_backends()
 
 
+@pytest.mark.parametrize("backend", ["eager", "torch_compile"])
+def test_fused_rms_norm_autocast_output_on_reference_backends(monkeypatch, backend):
+    """FusedRMSNorm(autocast_output=True) under bf16 autocast through the plain-torch reference: the Triton path's
+    outputs, and its gradients to the precision of the n it rebuilds from the bf16 output."""
+    if backend == "torch_compile" and not K._compile_usable():
+        pytest.skip("torch.compile is not usable here")
+    _seed("rms_reference_backend")
+    norm = K.FusedRMSNorm(nn.Parameter(rand(64, scale=0.3, offset=1.0)), autocast_output=True)
+    x, r, gy = leaf(rand(3, 5, 64, scale=2.0)), leaf(rand(3, 5, 64)), rand(3, 5, 64).to(BF16)
+
+    def run():
+        with torch.autocast(DEVICE, dtype=BF16):
+            y, s = norm(x, r)
+        assert y.dtype == BF16 and s.dtype == F32
+        return (y, s, *torch.autograd.grad((y.float() * gy.float()).sum() + s.sum(), (x, r, norm.weight)))
+
+    K._reset_backends()
+    expected = run()
+    monkeypatch.setenv("NANOVISION_KERNEL_BACKEND", backend)
+    K._reset_backends()
+    try:
+        actual = run()
+        assert K.kernel_backends()["rms_norm"] == backend  # a failed compile would have switched to eager
+    finally:
+        monkeypatch.delenv("NANOVISION_KERNEL_BACKEND")
+        K._reset_backends()
+    for name, a, e in zip(("y", "s", "dx", "dr", "dw"), actual, expected):
+        assert_close(a, e, F32, name, REBUILT_TOL[BF16])
+
+
 @pytest.mark.skipif(_ON_CUDA, reason="CPU tensors without the interpreter")
 def test_act_linear_falls_back_per_call_without_interpreter(monkeypatch):
     # triton chosen for the process, but CPU tensors and no interpreter: the call must take the fallback backend
@@ -777,6 +875,27 @@ def test_fused_modules_standalone():
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_rms_norm_autocast_output_keeps_no_fp32_activation(with_residual):
+    """Under bf16 autocast the norm keeps its bf16 output, which the projection after it keeps anyway (one storage),
+    instead of the fp32 input or residual sum; a weight with a zero entry keeps the fp32 tensor as before."""
+    _seed("rms_saved", with_residual)
+    norm = K.FusedRMSNorm(nn.Parameter(rand(64, scale=0.3, offset=1.0)), autocast_output=True)
+    proj = nn.Linear(64, 48, bias=False).to(DEVICE)
+    x, r = leaf(rand(2, 5, 64)), leaf(rand(2, 5, 64))
+    act = x.numel()  # bf16 output: 2 * act bytes, fp32 input or sum: 4 * act; no other saved tensor has these sizes
+
+    def step():
+        proj(norm(x, r)[0] if with_residual else norm(x))
+
+    new = saved_bytes(step)
+    assert 4 * act not in new and new.count(2 * act) == 1, new
+    with torch.no_grad():
+        norm.weight[0] = 0.0
+    before = saved_bytes(step)
+    assert before.count(4 * act) == 1 and sum(before) - sum(new) == 4 * act, (before, new)
+
+
 def _mlp_pair(mlp_type, bias, seed="mlp_pair"):
     """(FusedMLP, the same weights taking the old path): the model's NanoVisionZeroInitLinear down_proj, and a no-op
     hook on the copy's, which makes FusedMLP call it as a module (activation, then down_proj(h))."""
@@ -826,20 +945,7 @@ def test_fused_mlp_does_not_save_the_activation(mlp_type):
     x = leaf(rand(2, 5, 32))
     h_bytes = 2 * 5 * 72 * 2  # bf16 [2, 5, 72]; no other saved tensor has this size
 
-    def saved(mlp):
-        """{storage: bytes} of the tensors autograd keeps (storages, not shapes: linear may save a 2D view)."""
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast(DEVICE, dtype=BF16):
-                mlp(x)
-        return storages
-
-    new, before = saved(fused), saved(old)
+    new, before = saved_bytes(lambda: fused(x)), saved_bytes(lambda: old(x))
     acts = 2 if mlp_type == "swiglu" else 1  # gate and up, or up
-    assert list(new.values()).count(h_bytes) == acts and list(before.values()).count(h_bytes) == acts + 1
-    assert sum(before.values()) - sum(new.values()) >= h_bytes, (before, new)
+    assert new.count(h_bytes) == acts and before.count(h_bytes) == acts + 1
+    assert sum(before) - sum(new) >= h_bytes, (before, new)

@@ -59,7 +59,8 @@ class FusedRMSNorm(nn.Module):
 
     `autocast_output`: under autocast, write the output in the autocast dtype. For a norm whose output only feeds
     projections: each projection would otherwise cast the fp32 output itself and keep its own low-precision copy
-    for backward (three copies for q/k/v, two for gate/up); the numbers are the same.
+    for backward (three copies for q/k/v, two for gate/up); the numbers are the same. The norm's own backward then
+    keeps that shared output instead of its fp32 input, so its gradients carry the output's rounding.
     """
 
     def __init__(self, weight: Optional[nn.Parameter] = None, eps: float = 1e-6, autocast_output: bool = False):

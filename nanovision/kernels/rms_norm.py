@@ -12,6 +12,8 @@ the input dtype, multiply by the weight, round again) and accumulate in fp32.
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:
     import triton
@@ -101,17 +103,20 @@ if HAS_TRITON:
         n_rows, n_cols, rows_per_prog,
         HAS_WEIGHT: tl.constexpr,
         HAS_DS_OUT: tl.constexpr,
+        FROM_OUTPUT: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         # each program walks `rows_per_prog` consecutive rows (one row per step) and
-        # writes one fp32 partial sum of the weight gradient; the host sums the partials
+        # writes one fp32 partial sum of the weight gradient; the host sums the partials.
+        # S: the norm's input s, or with FROM_OUTPUT its output y = n * w (n = s * rstd), stored in a dtype
+        # narrower than s's, so n is y / w to y's precision (the forward checked w has no zero)
         pid = tl.program_id(0).to(tl.int64)
         row_start = pid * rows_per_prog
         row_end = tl.minimum(row_start + rows_per_prog, n_rows)
         cols = tl.arange(0, BLOCK_N)
         mask = cols < n_cols
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32)  # 1: y / w stays finite off the row
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
         for row in range(row_start, row_end):
@@ -119,10 +124,17 @@ if HAS_TRITON:
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + row)
 
-            n = s * rstd
+            if FROM_OUTPUT:
+                n = s
+                if HAS_WEIGHT:
+                    n = s / w
+                n_rounded = n  # s is wider than y (fp32 under autocast): rounding n to it changes nothing
+            else:
+                n = s * rstd
+                n_rounded = n.to(S.dtype.element_ty).to(tl.float32)
             if HAS_WEIGHT:
                 # y = round(n) * w  ->  dW = sum(dy * round(n)), dn = dy * w
-                dw_acc += dy * n.to(S.dtype.element_ty).to(tl.float32)
+                dw_acc += dy * n_rounded
                 dn = dy * w
             else:
                 dn = dy
@@ -187,6 +199,22 @@ def _bwd_config(n_cols: int):
     return block_n, min(16, block_n // 2048), 2
 
 
+# Rebuilding n from y = n * w needs every w != 0 (nor subnormal, which kernels may flush to zero): checking that
+# syncs with the device, so the answer is kept per weight tensor until its storage, version counter or the optimizer
+# step count changes. The step count: fused optimizers (AdamW(fused=True)) update weights without bumping versions.
+_OPTIMIZER_STEPS = [0]
+_NONZERO_WEIGHT = WeakIdKeyDictionary()
+register_optimizer_step_post_hook(lambda *_: _OPTIMIZER_STEPS.__setitem__(0, _OPTIMIZER_STEPS[0] + 1))
+
+
+def _weight_divides(weight: torch.Tensor) -> bool:
+    key = (weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0])
+    cached = _NONZERO_WEIGHT.get(weight)
+    if cached is None or cached[0] != key:
+        cached = _NONZERO_WEIGHT[weight] = (key, bool((weight.abs() >= torch.finfo(torch.float32).tiny).all()))
+    return cached[1]
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, out_dtype):
@@ -226,7 +254,15 @@ class RMSNormFunction(torch.autograd.Function):
                 num_warps=num_warps,
             )
 
-        ctx.save_for_backward(s2, weight_c, rstd)
+        # An output narrower than s (autocast_output: bf16 y for the projections, which keep that same tensor for
+        # their weight gradients) is kept instead of s: the backward rebuilds n from it, to the projections' precision.
+        # Under torch.compile the weight check would break the graph: keep s there.
+        ctx.from_output = (
+            out_dtype is not None and torch.finfo(out_dtype).bits < torch.finfo(s_dtype).bits
+            and (weight is None or (not torch.compiler.is_compiling() and _weight_divides(weight)))
+        )
+        ctx.save_for_backward(y2 if ctx.from_output else s2, weight_c, rstd)
+        ctx.s_dtype = s_dtype
         ctx.has_residual = residual is not None
         ctx.x_dtype, ctx.r_dtype = x.dtype, (residual.dtype if residual is not None else None)
         ctx.x_shape = x.shape
@@ -239,16 +275,16 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds_out=None):
-        s2, weight, rstd = ctx.saved_tensors
+        s2, weight, rstd = ctx.saved_tensors  # s2: s, or y with ctx.from_output
         n_rows, n_cols = s2.shape
         device = s2.device
         if dy is None:
-            dy2 = torch.zeros((n_rows, n_cols), dtype=s2.dtype, device=device)
+            dy2 = torch.zeros((n_rows, n_cols), dtype=ctx.s_dtype, device=device)
         else:
             dy2 = _as_rows(dy, n_cols)
         has_dso = ctx.has_residual and ds_out is not None
         dso2 = _as_rows(ds_out, n_cols) if has_dso else dy2
-        ds = torch.empty((n_rows, n_cols), dtype=s2.dtype, device=device)
+        ds = torch.empty((n_rows, n_cols), dtype=ctx.s_dtype, device=device)
 
         dw = None
         if n_rows > 0:
@@ -269,6 +305,7 @@ class RMSNormFunction(torch.autograd.Function):
                 n_rows, n_cols, rows_per_prog,
                 HAS_WEIGHT=weight is not None,
                 HAS_DS_OUT=has_dso,
+                FROM_OUTPUT=ctx.from_output,
                 BLOCK_N=block_n,
                 num_warps=num_warps,
             )
