@@ -224,7 +224,7 @@ class _DataWritingOptimizer(torch.optim.Optimizer):
 @pytest.mark.parametrize("zeroed_by", ["in_place", "optimizer"])
 def test_rms_norm_narrow_output_with_a_zero_weight_keeps_the_input(poison, zeroed_by):
     """y / w is undefined where w == 0: such a weight keeps s for the backward, which gives the fp32 output's
-    gradients exactly. The check is cached per weight until it changes: a zero that appears later is seen."""
+    gradients (to the last bit under the interpreter). The check is cached per weight until it changes: a zero that appears later is seen."""
     _seed("rms_zero_w", zeroed_by)
     x, w, r = leaf(rand(5, 96, scale=2.0)), leaf(rand(96, scale=0.3, offset=1.0)), leaf(rand(5, 96))
     gy, gs = rand(5, 96).to(BF16), rand(5, 96)
@@ -241,7 +241,9 @@ def test_rms_norm_narrow_output_with_a_zero_weight_keeps_the_input(poison, zeroe
         _DataWritingOptimizer([w]).step()
     assert w[7] == 0
     for g, e in zip(grads(BF16), grads(None)):
-        assert torch.isfinite(g).all() and torch.equal(g, e)
+        # the same computation; on a GPU the kernel compiled for a bf16 dy may round a last bit differently
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_rms_norm_matches_eager_fp32_and_many_rows(poison):
