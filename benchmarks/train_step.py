@@ -62,7 +62,7 @@ def mlp_keeps_activation(model):
     return model
 
 
-# name -> (builder, sdpa backend or None, compile: True, False or "cuda_graph" (the whole step captured, eager))
+# name -> (builder, attention implementation, sdpa backend or None, compile)
 VARIANTS = {
     "llama sdpa (eager)": (lambda s: llama_model(s, "sdpa"), None, False),
     "llama sdpa + compile": (lambda s: llama_model(s, "sdpa"), None, True),
@@ -77,14 +77,10 @@ VARIANTS = {
                                           SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN + compile": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                           SDPBackend.CUDNN_ATTENTION, True),
-    "+ fused kernels + cuDNN + CUDA graph": (lambda s: nanovision_model(s, "sdpa", "llama", True),
-                                             SDPBackend.CUDNN_ATTENTION, "cuda_graph"),
     "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
                                              SDPBackend.CUDNN_ATTENTION, True),
     "nanovision nanochat-block, fused + cuDNN": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
                                                  SDPBackend.CUDNN_ATTENTION, False),
-    "nanovision nanochat-block, fused + cuDNN + CUDA graph": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
-                                                              SDPBackend.CUDNN_ATTENTION, "cuda_graph"),
     "nanovision nanochat-block, best": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
                                         SDPBackend.CUDNN_ATTENTION, True),
 }
@@ -135,57 +131,37 @@ def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
     return [[lengths[i] for i in rows[r]] for r in picked]
 
 
-def time_steps(model, batch, attention_backend, steps, warmup, cuda_graph=False):
-    """Seconds per training step, peak GiB, last loss. cuda_graph: capture the whole step (forward, backward,
-    optimizer) once and replay it, which takes the host's kernel launches off the critical path."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=cuda_graph)
+def time_steps(model, batch, attention_backend, steps, warmup):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         backend = sdpa_kernel(attention_backend) if attention_backend is not None else contextlib.nullcontext()
-        # a captured graph cannot use autocast's weight-cast cache (its tensors would be freed behind the graph)
-        with backend, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph):
+        with backend, torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        if not cuda_graph:  # a graph's gradients stay allocated: each replay overwrites them
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         return loss
 
-    if cuda_graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
-            for _ in range(warmup):
-                optimizer.zero_grad(set_to_none=True)
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = step()
-        run = lambda: (graph.replay(), static_loss)[1]  # noqa: E731
-        run()
-    else:
-        run = step
-        for _ in range(warmup):
-            step()
+    for _ in range(warmup):
+        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = run()
+        loss = step()
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
     return elapsed, torch.cuda.max_memory_allocated() / 2**30, float(loss)
 
 
 def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup):
-    build, backend, mode = VARIANTS[name]
+    build, backend, compiled = VARIANTS[name]
     torch.manual_seed(0)
     model = build(s).to(device).train()
     fpt = flops_per_token(model, s["seq"])
-    runner = torch.compile(model) if mode is True else model
-    seconds, peak_gib, loss = time_steps(runner, batch, backend, steps, warmup, cuda_graph=mode == "cuda_graph")
+    runner = torch.compile(model) if compiled else model
+    seconds, peak_gib, loss = time_steps(runner, batch, backend, steps, warmup)
     tokens_per_s = useful_tokens / seconds
     row = dict(variant=name, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s, tflops=tokens_per_s * fpt / 1e12,
                mfu=tokens_per_s * fpt / 1e12 / peak, peak_gib=peak_gib, loss=loss)

@@ -208,8 +208,6 @@ register_optimizer_step_post_hook(lambda *_: _OPTIMIZER_STEPS.__setitem__(0, _OP
 
 
 def _weight_divides(weight: torch.Tensor) -> bool:
-    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False  # a CUDA graph replays what its capture recorded, with no check per step: keep s there
     key = (weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0])
     cached = _NONZERO_WEIGHT.get(weight)
     if cached is None or cached[0] != key:
