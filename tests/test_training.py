@@ -264,15 +264,19 @@ def test_two_process_fsdp2_matches_one_process_and_exports_plain_checkpoints(tmp
 
 
 def test_tower_pretraining_trains_tower_and_connector_only(tmp_path):
-    from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective
+    from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective, PreparedCaptions
 
     base = run_stage(stage(tmp_path, "base", max_steps=2))
     args = stage(tmp_path, "vision", model=str(base))
     model = build_model(args, AutoTokenizer.from_pretrained(base))
     processor = build_processor(model, AutoTokenizer.from_pretrained(base))
     rows = shapes.caption_dataset(num_train=16, num_test=1, image_size=32)["train"]
-    batch = CaptionWordsCollator(processor.image_processor, processor.tokenizer)(list(rows))
+    prepared = PreparedCaptions(rows, processor.image_processor, processor.tokenizer, chunk_size=5)
+    batch = CaptionWordsCollator(processor.tokenizer)([prepared[i] for i in range(len(prepared))])
     assert batch["pixel_values"].shape == (16, 3, 32, 32)
+    # prepared once, in chunks: the same pixels as processing the batch's images together
+    together = processor.image_processor(list(rows["image"]), return_tensors="pt")["pixel_values"]
+    assert torch.equal(batch["pixel_values"], together)
     words = processor.tokenizer(rows[0]["caption"], add_special_tokens=False)["input_ids"]
     assert set(batch["word_targets"][0].nonzero()[:, 0].tolist()) == set(words)
 
@@ -295,7 +299,7 @@ def test_tower_pretraining_trains_tower_and_connector_only(tmp_path):
 
 
 def test_tower_pretraining_errors_and_stage_flag(tmp_path):
-    from nanovision.training.tower_pretraining import CaptionWordsCollator
+    from nanovision.training.tower_pretraining import CaptionWordsCollator, PreparedCaptions
 
     with pytest.raises(ValueError, match="tower_pretrain_steps applies to the vision stage"):
         StageArguments(stage="sft", output_dir=str(tmp_path), tower_pretrain_steps=5)
@@ -303,8 +307,9 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(base)
     rows = shapes.caption_dataset(num_train=2, num_test=1, image_size=32)["train"]
     with pytest.raises(ValueError, match="have no words"):
-        CaptionWordsCollator(NanoVisionImageProcessor(size={"height": 32, "width": 32}), tokenizer)(
-            [{"image": rows[0]["image"], "caption": ""}])
+        empty = datasets.Dataset.from_dict({"image": [rows[0]["image"]], "caption": [""]})
+        prepared = PreparedCaptions(empty, NanoVisionImageProcessor(size={"height": 32, "width": 32}), tokenizer, True)
+        CaptionWordsCollator(tokenizer, phrases=True)([prepared[0]])
     # in the stage: the tower moves before alignment; the language model stays frozen
     plain = run_stage(stage(tmp_path / "plain", "vision", model=str(base), max_steps=1))
     pretrained = run_stage(stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=3,
@@ -318,7 +323,7 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
 
 
 def test_tower_pretraining_phrases_bind_words_within_one_token(tmp_path):
-    from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective
+    from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective, PreparedCaptions
 
     base = run_stage(stage(tmp_path, "base", max_steps=2))
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -328,8 +333,11 @@ def test_tower_pretraining_phrases_bind_words_within_one_token(tmp_path):
     rows = [{"image": image, "caption": "a red circle on the left and a blue square on the right."},
             {"image": image, "caption": "a blue square on the right."},
             {"image": image, "caption": "a green triangle in the middle."}]
-    batch = CaptionWordsCollator(processor.image_processor, tokenizer, phrases=True)(rows)
-    assert "phrase_words" not in CaptionWordsCollator(processor.image_processor, tokenizer)(rows)
+    rows = datasets.Dataset.from_list(rows)
+    batch = CaptionWordsCollator(tokenizer, phrases=True)(list(PreparedCaptions(rows, processor.image_processor,
+                                                                                tokenizer, phrases=True)))
+    assert "phrase_words" not in CaptionWordsCollator(tokenizer)(list(PreparedCaptions(rows, processor.image_processor,
+                                                                                       tokenizer)))
     phrases = ["a blue square on the right", "a green triangle in the middle", "a red circle on the left"]  # sorted
     assert batch["phrase_images"].tolist() == [[1, 1, 0], [0, 0, 1], [1, 0, 0]]  # a shared phrase: both images
     for row, phrase in zip(batch["phrase_words"], phrases):
