@@ -246,6 +246,24 @@ def test_rms_norm_narrow_output_with_a_zero_weight_keeps_the_input(poison, zeroe
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
+def test_rms_norm_weight_check_renews_all_weights_with_one_sync(poison, monkeypatch):
+    """After an optimizer step the first norm re-checks every weight seen so far in one reduction (one device sync a
+    step, not one a norm); a zero that the step wrote into one of them is still seen for that weight alone."""
+    rms_module = sys.modules["nanovision.kernels.rms_norm"]  # the package attribute is the dispatching function
+    _seed("rms_check_all")
+    weights = [leaf(rand(96, scale=0.3, offset=1.0)) for _ in range(3)]
+    x = leaf(rand(5, 96, scale=2.0))
+    for w in weights:
+        assert rms_module._weight_divides(w)
+    checks = []
+    divides = rms_module._divides
+    monkeypatch.setattr(rms_module, "_divides", lambda ws: checks.append(len(ws)) or divides(ws))
+    _DataWritingOptimizer([weights[1]]).step()
+    assert [rms_module._weight_divides(w) for w in weights] == [True, False, True]
+    assert len(checks) == 1 and checks[0] >= 3  # all at once (with any other weight still tracked)
+    assert rms_module._divides([weights[0], rand(0), weights[1], weights[2]]) == [True, True, False, True]
+
+
 def test_rms_norm_matches_eager_fp32_and_many_rows(poison):
     # more rows than one backward program covers -> exercises the partial dW reduction
     _seed("rms_many")

@@ -202,17 +202,37 @@ def _bwd_config(n_cols: int):
 # Rebuilding n from y = n * w needs every w != 0 (nor subnormal, which kernels may flush to zero): checking that
 # syncs with the device, so the answer is kept per weight tensor until its storage, version counter or the optimizer
 # step count changes. The step count: fused optimizers (AdamW(fused=True)) update weights without bumping versions.
+# A stale answer is renewed for every weight seen so far on that device at once: one sync per optimizer step, not
+# one per norm (each sync empties the launch queue, and a d20 step has 41 such norms).
 _OPTIMIZER_STEPS = [0]
-_NONZERO_WEIGHT = WeakIdKeyDictionary()
+_NONZERO_WEIGHT = WeakIdKeyDictionary()  # weight -> (key it was checked at, whether every entry divides)
 register_optimizer_step_post_hook(lambda *_: _OPTIMIZER_STEPS.__setitem__(0, _OPTIMIZER_STEPS[0] + 1))
 
 
+def _check_key(weight: torch.Tensor):
+    return weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0]
+
+
+def _divides(weights) -> list:
+    """For each weight, whether no entry is zero or subnormal: one reduction over all of them, one sync."""
+    flat = torch.cat([w.detach().reshape(-1) for w in weights])
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.numel())
+    # running count of the entries that do not divide, read at each weight's bounds
+    count = torch.cat([flat.new_zeros(1, dtype=torch.long), (flat.abs() < torch.finfo(torch.float32).tiny).cumsum(0)])
+    return (count[bounds].diff() == 0).tolist()
+
+
 def _weight_divides(weight: torch.Tensor) -> bool:
-    key = (weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0])
     cached = _NONZERO_WEIGHT.get(weight)
-    if cached is None or cached[0] != key:
-        cached = _NONZERO_WEIGHT[weight] = (key, bool((weight.abs() >= torch.finfo(torch.float32).tiny).all()))
-    return cached[1]
+    if cached is None or cached[0] != _check_key(weight):
+        stale = [w for w, (key, _) in list(_NONZERO_WEIGHT.items())
+                 if w is not weight and w.device == weight.device and key != _check_key(w)]
+        stale.append(weight)
+        for w, ok in zip(stale, _divides(stale)):
+            _NONZERO_WEIGHT[w] = (_check_key(w), ok)
+    return _NONZERO_WEIGHT[weight][1]
 
 
 class RMSNormFunction(torch.autograd.Function):
