@@ -62,6 +62,16 @@ def mlp_keeps_activation(model):
     return model
 
 
+def separate_qkv(model):
+    """The fused model as it was before q/k/v ran as one GEMM (ablation): each attention's three projections again."""
+    from nanovision.modeling_nanovision import project_qkv
+
+    for module in model.modules():
+        if hasattr(module, "qkv_fn"):
+            module.qkv_fn = project_qkv
+    return model
+
+
 # name -> (builder, attention implementation, sdpa backend or None, compile)
 VARIANTS = {
     "llama sdpa (eager)": (lambda s: llama_model(s, "sdpa"), None, False),
@@ -73,6 +83,8 @@ VARIANTS = {
                                                    SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN, MLP keeps its activation": (
         lambda s: mlp_keeps_activation(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, False),
+    "+ fused kernels + cuDNN, three q/k/v GEMMs": (
+        lambda s: separate_qkv(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN attention": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                           SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN + compile": (lambda s: nanovision_model(s, "sdpa", "llama", True),
@@ -81,6 +93,8 @@ VARIANTS = {
                                              SDPBackend.CUDNN_ATTENTION, True),
     "nanovision nanochat-block, fused + cuDNN": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
                                                  SDPBackend.CUDNN_ATTENTION, False),
+    "nanovision nanochat-block, three q/k/v GEMMs": (
+        lambda s: separate_qkv(nanovision_model(s, "sdpa", "nanochat", True)), SDPBackend.CUDNN_ATTENTION, False),
     "nanovision nanochat-block, best": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
                                         SDPBackend.CUDNN_ATTENTION, True),
 }

@@ -129,6 +129,11 @@ class NanoVisionTextMLP(nn.Module):
         return self.down_proj(F.relu(self.up_proj(x)).square())
 
 
+def project_qkv(attention: nn.Module, hidden_states: torch.Tensor):
+    """The query, key and value projections of `hidden_states` [B, T, hidden] -> three [B, T, width] tensors."""
+    return attention.q_proj(hidden_states), attention.k_proj(hidden_states), attention.v_proj(hidden_states)
+
+
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, Hk, T, D] -> [B, Hk * n_rep, T, D], for the eager path only."""
     if n_rep == 1:
@@ -182,8 +187,10 @@ class NanoVisionTextAttention(nn.Module):
             learnable = config.qk_norm == "learnable"
             self.q_norm = NanoVisionRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=learnable)
             self.k_norm = NanoVisionRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=learnable)
-        # A plain function attribute so nanovision.kernels can swap in the fused rotary kernel per instance.
+        # Plain function attributes so nanovision.kernels can swap in the fused rotary kernel and a single q/k/v GEMM
+        # per instance.
         self.rotary_fn = apply_rotary_pos_emb
+        self.qkv_fn = project_qkv
 
     def forward(
         self,
@@ -195,9 +202,10 @@ class NanoVisionTextAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, value_states = self.qkv_fn(self, hidden_states)
+        query_states = query_states.view(hidden_shape)
+        key_states = key_states.view(hidden_shape)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
         if self.config.qk_norm != "none":
             query_states = self.q_norm(query_states)
             key_states = self.k_norm(key_states)

@@ -844,6 +844,7 @@ def test_apply_fused_kernels_matches_original(caplog):
     assert model.layers[1].input_layernorm.weight is None
     assert isinstance(model.layers[0].mlp, K.FusedMLP) and model.layers[1].mlp.mlp_type == "relu2"
     assert model.layers[0].self_attn.rotary_fn is K.apply_rotary
+    assert model.layers[0].self_attn.qkv_fn is L.fused_qkv
     assert model.linear_cross_entropy is K.fused_linear_cross_entropy
     assert "NanoVisionRMSNorm" not in {type(m).__name__ for m in model.modules()}
     assert type(ref.norm).__name__ == "NanoVisionRMSNorm"  # other instances untouched
@@ -857,6 +858,45 @@ def test_apply_fused_kernels_matches_original(caplog):
     for n, p in model.named_parameters():
         assert p.grad is not None, n
         torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_qkv_matches_three_projections(bias):
+    """One GEMM over the concatenated q/k/v weights: the three projections' outputs and gradients (float64); the input
+    and weight gradients flow through the slices and the concatenation back to each Linear."""
+    from nanovision.modeling_nanovision import project_qkv
+
+    _seed("fused_qkv", bias)
+    attention = nn.Module()
+    for name, width in (("q_proj", 48), ("k_proj", 16), ("v_proj", 16)):
+        setattr(attention, name, nn.Linear(32, width, bias=bias, device=DEVICE, dtype=torch.float64))
+    reference = copy.deepcopy(attention)
+    x1 = leaf(rand(2, 5, 32, dtype=torch.float64))
+    x2 = leaf(x1)
+    fused, plain = L.fused_qkv(attention, x1), project_qkv(reference, x2)
+    assert [t.shape for t in fused] == [t.shape for t in plain]
+    grads = [rand(*t.shape, dtype=torch.float64) for t in plain]
+    sum((a * g).sum() for a, g in zip(fused, grads)).backward()
+    sum((a * g).sum() for a, g in zip(plain, grads)).backward()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    reference_params = dict(reference.named_parameters())
+    for name, p in attention.named_parameters():
+        torch.testing.assert_close(p.grad, reference_params[name].grad, msg=name)
+
+
+def test_fused_qkv_keeps_projections_that_are_not_plain_linears():
+    attention = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(attention, name, nn.Linear(8, 8, device=DEVICE))
+    calls = []
+    attention.k_proj.register_forward_hook(lambda module, args, out: calls.append("k") or out * 2)
+    x = rand(3, 8)
+    q, k, v = L.fused_qkv(attention, x)
+    assert calls == ["k"]
+    torch.testing.assert_close(k, attention.k_proj.weight.new_tensor(2.0) * F.linear(x, attention.k_proj.weight,
+                                                                                      attention.k_proj.bias))
 
 
 def test_apply_fused_kernels_subset_and_validation():

@@ -3,7 +3,8 @@
 `apply_fused_kernels(model, ops=None)` patches one model instance in place:
   rms_norm             NanoVisionRMSNorm        -> FusedRMSNorm (same weight Parameter)
   swiglu               NanoVisionTextMLP        -> FusedMLP (same Linear submodules; swiglu or relu2)
-  rope                 NanoVisionTextAttention  -> instance attribute rotary_fn = apply_rotary
+  rope                 NanoVisionTextAttention  -> instance attributes rotary_fn = apply_rotary and
+                                                   qkv_fn = fused_qkv (q/k/v as one GEMM)
   linear_cross_entropy NanoVisionForCausalLM /
                        NanoVisionForConditionalGeneration -> linear_cross_entropy = fused op
 Modules are matched by class name so remote-code copies of the classes work too.
@@ -105,6 +106,23 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return not any(local) and not any(global_)
 
 
+def fused_qkv(attention: nn.Module, hidden_states: torch.Tensor):
+    """The q/k/v projections as one GEMM over their concatenated weights; the outputs are slices of its result.
+    Under autocast that is one cast of the fp32 weights instead of three, and the backward runs one input-gradient and
+    one weight-gradient GEMM instead of three each (and no sum of three input gradients): fewer, larger kernels in a
+    step whose small ones are bound by their launches. Same values as the three linears, to GEMM rounding. Projections
+    that are not plain linears (adapters, tensor-parallel hooks), or a mix of biased and unbiased ones, keep their
+    own calls."""
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    biased = {p.bias is not None for p in projections if isinstance(p, nn.Linear)}
+    if not all(_is_plain_linear(p) for p in projections) or len(biased) != 1:
+        return tuple(p(hidden_states) for p in projections)
+    weight = torch.cat([p.weight for p in projections])
+    bias = torch.cat([p.bias for p in projections]) if biased == {True} else None
+    out = nn.functional.linear(hidden_states, weight, bias)
+    return out.split([p.out_features for p in projections], dim=-1)
+
+
 class FusedMLP(nn.Module):
     """down_proj(swiglu(gate_proj(x), up_proj(x))) or down_proj(relu2(up_proj(x))); the activation and a plain
     nn.Linear down_proj run as one op that does not keep the activation for backward."""
@@ -190,6 +208,7 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         cls_name = type(module).__name__
         if "rope" in counts and cls_name in ATTENTION_CLASS_NAMES:
             module.rotary_fn = pkg.apply_rotary
+            module.qkv_fn = fused_qkv
             counts["rope"] += 1
         if "linear_cross_entropy" in counts and cls_name in LM_CLASS_NAMES:
             module.linear_cross_entropy = pkg.fused_linear_cross_entropy
