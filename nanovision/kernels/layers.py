@@ -253,13 +253,18 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     cross-document pairs. Documents come from the collator's `cu_seq_lens_q` / `max_length_q`
     (PackedDataCollator(return_flash_attn_kwargs=True)) or else from `position_ids` restarting at 0.
 
-    Decoding against a KV cache (fewer queries than keys) is not packed work: it runs through SDPA."""
+    Decoding against a KV cache (fewer queries than keys) is not packed work: it runs through SDPA, and so does a
+    bidirectional module (`is_causal=False`: the SigLIP vision tower, whose config the model's attention setting
+    also reaches; its images are never packed)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if dropout:
         raise ValueError(f"attn_implementation={VARLEN_ATTENTION!r} has no attention dropout; set attention_dropout=0.")
     batch, heads, length, head_dim = query.shape
     if key.shape[2] != length:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         # the flash-style mask hook gives no mask or a 2D padding one: spell out causality against the cached past
         past = key.shape[2] - length
         allowed = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril(past)[None, None]
