@@ -698,7 +698,7 @@ def test_act_linear_falls_back_per_call_without_interpreter(monkeypatch):
         assert K.kernel_backends()["swiglu"] == "triton"
         monkeypatch.setattr(K, "_interpret", lambda: False)
         monkeypatch.setattr(K, "_FALLBACK", "eager")  # not torch_compile: no inductor build on a test CPU
-        monkeypatch.setattr(K._swiglu_mod, "ActLinearFunction", None)  # the Triton path would fail loudly
+        monkeypatch.setattr(K._swiglu_mod, "_act_linear_op", None)  # the Triton path would fail loudly
         g, u, w, b = rand(3, 32), rand(3, 32), rand(8, 32), rand(8)
         torch.testing.assert_close(K.swiglu_linear(g, u, w, b), swiglu_linear_reference(g, u, w, b))
         torch.testing.assert_close(K.relu2_linear(u, w, b), relu2_linear_reference(u, w, b))
@@ -912,6 +912,26 @@ def test_apply_fused_kernels_subset_and_validation():
     assert model.layers[1].self_attn.rotary_fn is K.apply_rotary
     with pytest.raises(ValueError, match="linear_cross_entropy"):
         K.apply_fused_kernels(model, ops=["rms_norm", "flash_attention"])
+
+
+def test_norm_weight_check_answers_before_each_forward():
+    """The patched model's pre-forward hook gives each norm that writes the autocast dtype its weight's answer (what a
+    compiled forward reads instead of checking); a zero that appears is seen at the next forward. Applying the
+    kernels again keeps one hook."""
+    model = _model()
+    K.apply_fused_kernels(model)
+    K.apply_fused_kernels(model, ops=["rms_norm"])
+    checks = [h for h in model._forward_pre_hooks.values() if isinstance(h, L.NormWeightCheck)]
+    norms = [m for m in model.modules() if isinstance(m, K.FusedRMSNorm) and m.autocast_output and m.weight is not None]
+    assert len(checks) == 1 and len(checks[0].norms) == len(norms) > 0
+    assert {m.weight_divides for m in norms} == {None}
+    ids, labels = _batch()
+    model(ids, labels)
+    assert {m.weight_divides for m in norms} == {True}
+    with torch.no_grad():
+        norms[0].weight[3] = 0.0
+    model(ids, labels)
+    assert [m.weight_divides for m in norms[:2]] == [False, True]
 
 
 def test_fused_modules_standalone():

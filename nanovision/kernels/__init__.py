@@ -149,7 +149,7 @@ def _run_reference(fn_name: str, backend: str, *args, **kwargs):
 
 def _triton(fn):
     """Under TRITON_INTERPRET the kernels run as numpy code, which dynamo cannot trace: keep those calls out of
-    compiled graphs (on a GPU, torch.compile traces the Triton kernels themselves)."""
+    compiled graphs (on a GPU, torch.compile traces through the ops and the Triton kernels in them)."""
     return torch.compiler.disable(fn) if _interpret() else fn
 
 
@@ -160,12 +160,12 @@ def _backend(op: str, t: torch.Tensor) -> str:
     return b
 
 
-def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, out_dtype=None):
+def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, out_dtype=None, weight_divides=None):
     """RMSNorm over the last dim; with `residual` returns (norm(x + residual), x + residual); the normalised output
-    in `out_dtype` if given."""
+    in `out_dtype` if given. weight_divides: see `nanovision.kernels.rms_norm.rms_norm` (Triton backend only)."""
     b = _backend("rms_norm", x)
     if b == "triton":
-        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual, out_dtype)
+        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual, out_dtype, weight_divides)
     return _run_reference("rms_norm", b, x, weight, eps, residual, out_dtype)
 
 

@@ -72,6 +72,10 @@ class FusedRMSNorm(nn.Module):
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.eps = float(eps)
         self.autocast_output = autocast_output
+        # Whether the weight has no zero entry, for a compiled forward, which cannot check it without breaking the
+        # graph: set by the patched model's pre-forward hook (NormWeightCheck), outside the graph. A compiled graph
+        # depends on the value (dynamo guards it), so a zero that appears is traced again, keeping s.
+        self.weight_divides: Optional[bool] = None
 
     @classmethod
     def from_module(cls, module: nn.Module, autocast_output: bool = False) -> "FusedRMSNorm":
@@ -85,11 +89,29 @@ class FusedRMSNorm(nn.Module):
         out_dtype = None
         if self.autocast_output and torch.is_autocast_enabled(device):
             out_dtype = torch.get_autocast_dtype(device)
-        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype)
+        weight_divides = self.weight_divides if torch.compiler.is_compiling() else None  # eager checks per call
+        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype, weight_divides)
 
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else "no weight"
         return f"{shape}, eps={self.eps}, autocast_output={self.autocast_output}"
+
+
+class NormWeightCheck:
+    """Pre-forward hook of a patched model: checks the weights of its norms that write the autocast dtype (one device
+    sync per optimizer step for all of them, cached until a weight changes) and gives each its answer
+    (`FusedRMSNorm.weight_divides`). It runs outside torch.compile's graph, so that a compiled forward needs no check;
+    `torch.compile(model)` breaks the graph once there, before any work (compile `model.forward` to leave it out)."""
+
+    def __init__(self, norms):
+        self.norms = norms
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args) -> None:
+        from .rms_norm import _weight_divides
+
+        for norm in self.norms:
+            norm.weight_divides = _weight_divides(norm.weight)
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -213,6 +235,13 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         if "linear_cross_entropy" in counts and cls_name in LM_CLASS_NAMES:
             module.linear_cross_entropy = pkg.fused_linear_cross_entropy
             counts["linear_cross_entropy"] += 1
+
+    norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm) and m.autocast_output and m.weight is not None]
+    check = next((h for h in model._forward_pre_hooks.values() if isinstance(h, NormWeightCheck)), None)
+    if check is not None:
+        check.norms = norms
+    elif norms:
+        model.register_forward_pre_hook(NormWeightCheck(norms))
 
     previous = tuple(getattr(model, "fused_kernel_ops", ()) or ())
     model.fused_kernel_ops = tuple(o for o in VALID_OPS if o in previous or counts.get(o, 0) > 0)

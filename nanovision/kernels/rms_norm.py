@@ -18,6 +18,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 try:
     import triton
     import triton.language as tl
+    from torch.library import triton_op
+
+    from ._compat import wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -235,9 +238,20 @@ def _weight_divides(weight: torch.Tensor) -> bool:
     return _NONZERO_WEIGHT[weight][1]
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps, out_dtype):
+if HAS_TRITON:
+    # The kernels run as torch.library ops: torch.compile traces through them (no graph break), fuses the elementwise
+    # ops around them and launches them from its generated code; an eager call runs the same function.
+    @triton_op("nanovision::rms_norm", mutates_args=())
+    def _rms_norm_op(
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        residual: Optional[torch.Tensor],
+        eps: float,
+        out_dtype: Optional[torch.dtype],
+        keep_output: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, s, rstd) with s = x + residual (empty without a residual: an op's output may not alias its input).
+        keep_output: the backward keeps y instead of s (read by the autograd context only)."""
         n_cols = x.shape[-1]
         x2 = _as_rows(x, n_cols)
         n_rows = x2.shape[0]
@@ -249,99 +263,99 @@ class RMSNormFunction(torch.autograd.Function):
             s_dtype = x.dtype
             r2, s2 = x2, x2
         y_dtype = s_dtype if weight is None else torch.promote_types(s_dtype, weight.dtype)
-        y_dtype = out_dtype or y_dtype
-        y2 = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x.device)
+        y2 = torch.empty((n_rows, n_cols), dtype=out_dtype or y_dtype, device=x.device)
         rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-        if weight is not None:
-            weight_c = weight.contiguous()
-        else:
-            weight_c = None
-
         if n_rows > 0:
             block_m, block_n, num_warps = _fwd_config(n_cols)
-            grid = (triton.cdiv(n_rows, block_m),)
-            _rms_norm_fwd_kernel[grid](
+            wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
                 x2, x2.stride(0),
                 r2, r2.stride(0),
                 s2, s2.stride(0),
-                weight_c if weight_c is not None else x2,
+                weight.contiguous() if weight is not None else x2,
                 y2, y2.stride(0),
                 rstd,
-                n_rows, n_cols, float(eps),
+                n_rows, n_cols, eps,
                 HAS_RESIDUAL=residual is not None,
                 HAS_WEIGHT=weight is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=num_warps,
             )
+        return y2.view(x.shape), (s2.view(x.shape) if residual is not None else x.new_empty(0)), rstd
 
-        # An output narrower than s (autocast_output: bf16 y for the projections, which keep that same tensor for
-        # their weight gradients) is kept instead of s: the backward rebuilds n from it, to the projections' precision.
-        # Under torch.compile the weight check would break the graph: keep s there.
-        ctx.from_output = (
-            out_dtype is not None and torch.finfo(out_dtype).bits < torch.finfo(s_dtype).bits
-            and (weight is None or (not torch.compiler.is_compiling() and _weight_divides(weight)))
-        )
-        ctx.save_for_backward(y2 if ctx.from_output else s2, weight_c, rstd)
-        ctx.s_dtype = s_dtype
-        ctx.has_residual = residual is not None
-        ctx.x_dtype, ctx.r_dtype = x.dtype, (residual.dtype if residual is not None else None)
-        ctx.x_shape = x.shape
-        ctx.r_shape = residual.shape if residual is not None else None
-        ctx.set_materialize_grads(False)
-        y = y2.view(x.shape)
-        if residual is not None:
-            return y, s2.view(x.shape)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy, ds_out=None):
-        s2, weight, rstd = ctx.saved_tensors  # s2: s, or y with ctx.from_output
-        n_rows, n_cols = s2.shape
+    @triton_op("nanovision::rms_norm_backward", mutates_args=())
+    def _rms_norm_backward_op(
+        dy: torch.Tensor,
+        saved: torch.Tensor,
+        ds_out: Optional[torch.Tensor],
+        weight: Optional[torch.Tensor],
+        rstd: torch.Tensor,
+        s_dtype: torch.dtype,
+        from_output: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(ds [rows, cols], dw; empty without a weight); saved: the norm's input s, or with from_output its output
+        y."""
+        n_cols = saved.shape[-1]
+        s2 = _as_rows(saved, n_cols)
+        n_rows = s2.shape[0]
         device = s2.device
-        if dy is None:
-            dy2 = torch.zeros((n_rows, n_cols), dtype=ctx.s_dtype, device=device)
-        else:
-            dy2 = _as_rows(dy, n_cols)
-        has_dso = ctx.has_residual and ds_out is not None
-        dso2 = _as_rows(ds_out, n_cols) if has_dso else dy2
-        ds = torch.empty((n_rows, n_cols), dtype=ctx.s_dtype, device=device)
-
-        dw = None
+        dy2 = _as_rows(dy, n_cols)
+        dso2 = _as_rows(ds_out, n_cols) if ds_out is not None else dy2
+        ds = torch.empty((n_rows, n_cols), dtype=s_dtype, device=device)
+        dw = dy.new_empty(0) if weight is None else torch.zeros_like(weight)
         if n_rows > 0:
             block_n, num_warps, progs_per_sm = _bwd_config(n_cols)
             rows_per_prog = triton.cdiv(n_rows, min(n_rows, _sm_count(device) * progs_per_sm))
             n_prog = triton.cdiv(n_rows, rows_per_prog)
-            dw_part = (
-                torch.empty((n_prog, n_cols), dtype=torch.float32, device=device) if weight is not None else rstd
-            )
-            _rms_norm_bwd_kernel[(n_prog,)](
+            dw_part = torch.empty((n_prog, n_cols), dtype=torch.float32, device=device) if weight is not None else rstd
+            wrap_triton(_rms_norm_bwd_kernel)[(n_prog,)](
                 dy2, dy2.stride(0),
                 s2, s2.stride(0),
                 dso2, dso2.stride(0),
-                weight if weight is not None else s2,
+                weight.contiguous() if weight is not None else s2,
                 rstd,
                 ds, ds.stride(0),
                 dw_part,
                 n_rows, n_cols, rows_per_prog,
                 HAS_WEIGHT=weight is not None,
-                HAS_DS_OUT=has_dso,
-                FROM_OUTPUT=ctx.from_output,
+                HAS_DS_OUT=ds_out is not None,
+                FROM_OUTPUT=from_output,
                 BLOCK_N=block_n,
                 num_warps=num_warps,
             )
             if weight is not None:
                 dw = dw_part.sum(0).to(weight.dtype)
-        elif weight is not None:
-            dw = torch.zeros_like(weight)
+        return ds, dw
 
-        ds = ds.view(ctx.x_shape)
-        dx = ds.to(ctx.x_dtype)
-        dres = None
-        if ctx.has_residual:
-            dres = ds.to(ctx.r_dtype)
-            if ctx.r_shape != ctx.x_shape:  # broadcast residual
-                dres = dres.sum_to_size(ctx.r_shape)
-        return dx, dw, dres, None, None
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, _, _, keep_output = inputs
+    y, s, rstd = output
+    # An output narrower than s (autocast_output: bf16 y for the projections, which keep that same tensor for their
+    # weight gradients) is kept instead of s: the backward rebuilds n from it, to the projections' precision.
+    ctx.save_for_backward(y if keep_output else (s if residual is not None else x), weight, rstd)
+    ctx.keep_output = keep_output
+    ctx.s_dtype = s.dtype if residual is not None else x.dtype
+    ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+    ctx.r_dtype, ctx.r_shape = (residual.dtype, residual.shape) if residual is not None else (None, None)
+
+
+def _backward(ctx, dy, ds_out, _):
+    saved, weight, rstd = ctx.saved_tensors
+    has_residual = ctx.r_shape is not None
+    ds, dw = _rms_norm_backward_op(dy, saved, ds_out if has_residual else None, weight, rstd, ctx.s_dtype,
+                                   ctx.keep_output)
+    ds = ds.view(ctx.x_shape)
+    dres = None
+    if has_residual:
+        dres = ds.to(ctx.r_dtype)
+        if ctx.r_shape != ctx.x_shape:  # broadcast residual
+            dres = dres.sum_to_size(ctx.r_shape)
+    return ds.to(ctx.x_dtype), dw if weight is not None else None, dres, None, None, None
+
+
+if HAS_TRITON:
+    _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(
@@ -350,7 +364,18 @@ def rms_norm(
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    weight_divides: Optional[bool] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Triton RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual). `out_dtype`:
-    write the normalised output in this dtype (computed in fp32, rounded once) instead of the inputs' dtype."""
-    return RMSNormFunction.apply(x, weight, residual, eps, out_dtype)
+    write the normalised output in this dtype (computed in fp32, rounded once) instead of the inputs' dtype.
+
+    An output narrower than s is kept for the backward instead of s when the weight has no zero entry.
+    `weight_divides`: that answer, checked by the caller outside a compiled graph (`_weight_divides`); None checks
+    here, except under torch.compile, where a check would break the graph and s is kept."""
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if weight_divides is None and weight is not None:
+        weight_divides = not torch.compiler.is_compiling() and _weight_divides(weight)
+    keep_output = (out_dtype is not None and torch.finfo(out_dtype).bits < torch.finfo(s_dtype).bits
+                   and (weight is None or weight_divides))
+    y, s, _ = _rms_norm_op(x, weight, residual, float(eps), out_dtype, keep_output)
+    return y if residual is None else (y, s)

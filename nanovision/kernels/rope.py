@@ -18,6 +18,9 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from torch.library import triton_op
+
+    from ._compat import wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -119,69 +122,68 @@ def _cs_strides(c: torch.Tensor, B: int):
     return (c.stride(0) if c.shape[0] > 1 else 0), c.stride(1)
 
 
-def _launch(q, k, cos, sin, backward: bool):
-    B, Hq, T, D = q.shape
-    Hk = k.shape[1]
-    if D % 2 != 0:
-        raise ValueError(f"rotary head dim must be even, got {D}")
-    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
-    for name, c in (("cos", cos), ("sin", sin)):
-        if c.dim() not in (2, 3) or c.shape[-1] != D or c.shape[-2] != T or (c.dim() == 3 and c.shape[0] not in (1, B)):
-            raise ValueError(f"{name} must be [B or 1, T, D] = [{B} or 1, {T}, {D}], got {tuple(c.shape)}")
-    half = D // 2
-    q = _unit_last(q)
-    k = _unit_last(k)
-    cos = _unit_last(cos)
-    sin = _unit_last(sin)
-    qo = torch.empty_like(q)  # keeps the (dense) input layout
-    ko = torch.empty_like(k)
-    if B * T == 0:
-        return qo, ko
-    block_d = triton.next_power_of_2(half)
-    block_hq = triton.next_power_of_2(Hq)
-    block_hk = triton.next_power_of_2(Hk)
-    per_prog = (block_hq + block_hk) * block_d
-    num_warps = min(MAX_WARPS, triton.next_power_of_2(max(1, per_prog // (32 * ELEMS_PER_THREAD))))
-    cb, ct = _cs_strides(cos, B)
-    sb, st = _cs_strides(sin, B)
-    _rope_kernel[(B * T,)](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        k, k.stride(0), k.stride(1), k.stride(2),
-        qo, qo.stride(0), qo.stride(1), qo.stride(2),
-        ko, ko.stride(0), ko.stride(1), ko.stride(2),
-        cos, cb, ct,
-        sin, sb, st,
-        T, Hq, Hk, half,
-        BACKWARD=backward,
-        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
-        num_warps=num_warps,
-    )
-    return qo, ko
-
-
-class RotaryFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        qo, ko = _launch(q, k, cos, sin, backward=False)
-        ctx.save_for_backward(cos, sin)
-        ctx.set_materialize_grads(False)
-        ctx.q_meta = (q.shape, q.dtype)
-        ctx.k_meta = (k.shape, k.dtype)
+if HAS_TRITON:
+    # a torch.library op: torch.compile traces through it (no graph break); an eager call runs the same function
+    @triton_op("nanovision::rope", mutates_args=())
+    def _rope_op(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) rotated by the angle, or with `backward` by minus the angle (the forward map's transpose)."""
+        B, Hq, T, D = q.shape
+        Hk = k.shape[1]
+        if D % 2 != 0:
+            raise ValueError(f"rotary head dim must be even, got {D}")
+        if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
+        for name, c in (("cos", cos), ("sin", sin)):
+            if (c.dim() not in (2, 3) or c.shape[-1] != D or c.shape[-2] != T
+                    or (c.dim() == 3 and c.shape[0] not in (1, B))):
+                raise ValueError(f"{name} must be [B or 1, T, D] = [{B} or 1, {T}, {D}], got {tuple(c.shape)}")
+        half = D // 2
+        q = _unit_last(q)
+        k = _unit_last(k)
+        cos = _unit_last(cos)
+        sin = _unit_last(sin)
+        qo = torch.empty_like(q)  # keeps the (dense) input layout
+        ko = torch.empty_like(k)
+        if B * T == 0:
+            return qo, ko
+        block_d = triton.next_power_of_2(half)
+        block_hq = triton.next_power_of_2(Hq)
+        block_hk = triton.next_power_of_2(Hk)
+        per_prog = (block_hq + block_hk) * block_d
+        num_warps = min(MAX_WARPS, triton.next_power_of_2(max(1, per_prog // (32 * ELEMS_PER_THREAD))))
+        cb, ct = _cs_strides(cos, B)
+        sb, st = _cs_strides(sin, B)
+        wrap_triton(_rope_kernel)[(B * T,)](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            k, k.stride(0), k.stride(1), k.stride(2),
+            qo, qo.stride(0), qo.stride(1), qo.stride(2),
+            ko, ko.stride(0), ko.stride(1), ko.stride(2),
+            cos, cb, ct,
+            sin, sb, st,
+            T, Hq, Hk, half,
+            BACKWARD=backward,
+            BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
         return qo, ko
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        if dq is None and dk is None:
-            return None, None, None, None
-        # an unused output gets a zero gradient (rare; costs one extra pass)
-        if dq is None:
-            dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=dk.device)
-        if dk is None:
-            dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=dq.device)
-        gq, gk = _launch(dq, dk, cos, sin, backward=True)
-        return gq, gk, None, None
+
+def _setup_context(ctx, inputs, output):
+    _, _, cos, sin, _ = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dq, dk):
+    # an unused output's gradient arrives as zeros
+    cos, sin = ctx.saved_tensors
+    gq, gk = _rope_op(dq, dk, cos, sin, True)
+    return gq, gk, None, None, None
+
+
+if HAS_TRITON:
+    _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def apply_rotary(
@@ -191,4 +193,4 @@ def apply_rotary(
 
     Outputs keep q/k's dtype and (dense) layout; cos/sin receive no gradient.
     """
-    return RotaryFunction.apply(q, k, cos, sin)
+    return _rope_op(q, k, cos, sin, False)

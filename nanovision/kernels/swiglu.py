@@ -10,12 +10,17 @@ the activation h is not kept for the weight gradient either: backward rebuilds
 it from gate/up in the same kernel pass that computes dgate/dup.
 """
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
 try:
     import triton
     import triton.language as tl
+    from torch.library import triton_op
+
+    from ._compat import wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -100,11 +105,8 @@ BLOCK_SIZE = 4096
 NUM_WARPS = 8
 
 
-def _launch(kernel, n, *args, **meta):
-    if n == 0:
-        return
-    grid = (triton.cdiv(n, BLOCK_SIZE),)
-    kernel[grid](*args, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS, **meta)
+def _grid(n: int):
+    return (triton.cdiv(n, BLOCK_SIZE),)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -114,10 +116,13 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 def _act_forward(g, u, dtype):
     """swiglu(g, u), or relu2(u) when g is None, for dense same-shape inputs."""
     y = torch.empty(u.shape, dtype=dtype, device=u.device)
+    n = y.numel()
+    if n == 0:
+        return y
     if g is None:
-        _launch(_relu2_fwd_kernel, y.numel(), u, y)
+        wrap_triton(_relu2_fwd_kernel)[_grid(n)](u, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
     else:
-        _launch(_swiglu_fwd_kernel, y.numel(), g, u, y)
+        wrap_triton(_swiglu_fwd_kernel)[_grid(n)](g, u, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
     return y
 
 
@@ -132,107 +137,125 @@ def _act_backward(dy, g, u, y=None, reuse_dy=False):
     du = dy if reuse and g is None else torch.empty_like(u)
     dg = None if g is None else (dy if reuse else torch.empty_like(g))
     store = y is not None
+    n = u.numel()
+    if n == 0:
+        return dg, du
     if g is None:
-        _launch(_relu2_bwd_kernel, u.numel(), dy, u, du, y if store else du, STORE_Y=store)
+        wrap_triton(_relu2_bwd_kernel)[_grid(n)](dy, u, du, y if store else du, n, BLOCK=BLOCK_SIZE,
+                                                 STORE_Y=store, num_warps=NUM_WARPS)
     else:
-        _launch(_swiglu_bwd_kernel, u.numel(), dy, g, u, dg, du, y if store else du, STORE_Y=store)
+        wrap_triton(_swiglu_bwd_kernel)[_grid(n)](dy, g, u, dg, du, y if store else du, n, BLOCK=BLOCK_SIZE,
+                                                  STORE_Y=store, num_warps=NUM_WARPS)
     return dg, du
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        out_shape = torch.broadcast_shapes(gate.shape, up.shape)
-        dtype = torch.promote_types(gate.dtype, up.dtype)
-        g = _dense(gate.expand(out_shape))
-        u = _dense(up.expand(out_shape))
-        y = _act_forward(g, u, dtype)
-        ctx.save_for_backward(g, u)
-        ctx.shapes = (gate.shape, up.shape)
-        return y
+# The kernels run as torch.library ops: torch.compile traces through them (no graph break) and fuses the ops around
+# them; an eager call runs the same function. An op returns no None: an absent gradient is an empty tensor.
+if HAS_TRITON:
 
-    @staticmethod
-    def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        dg, du = _act_backward(_dense(dy), g, u)
-        g_shape, u_shape = ctx.shapes
-        if dg.shape != g_shape:
-            dg = dg.sum_to_size(g_shape)
-        if du.shape != u_shape:
-            du = du.sum_to_size(u_shape)
-        return dg, du
+    @triton_op("nanovision::act", mutates_args=())
+    def _act_op(gate: Optional[torch.Tensor], up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up (broadcast), or relu(up) ** 2 without a gate."""
+        if gate is None:
+            return _act_forward(None, _dense(up), up.dtype)
+        shape = torch.broadcast_shapes(gate.shape, up.shape)
+        return _act_forward(_dense(gate.expand(shape)), _dense(up.expand(shape)),
+                            torch.promote_types(gate.dtype, up.dtype))
 
+    @triton_op("nanovision::act_backward", mutates_args=())
+    def _act_backward_op(dy: torch.Tensor, gate: Optional[torch.Tensor], up: torch.Tensor
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(dgate, dup) at the broadcast shape (dgate empty without a gate)."""
+        shape = dy.shape
+        g = None if gate is None else _dense(gate.expand(shape))
+        dg, du = _act_backward(_dense(dy), g, _dense(up.expand(shape)))
+        return (dy.new_empty(0) if dg is None else dg), du
 
-class ReLU2Function(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x = _dense(x)
-        y = _act_forward(None, x, x.dtype)
-        ctx.save_for_backward(x)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return _act_backward(_dense(dy), None, x)[1]
-
-
-class ActLinearFunction(torch.autograd.Function):
-    """F.linear(act, weight, bias) with act = swiglu(gate, up), or relu2(up) when gate is None.
-
-    Saves gate/up and the weight but not act (B*T*intermediate): backward recomputes act from gate/up in the kernel
-    that computes dgate/dup, bit-identical to the forward one, then uses it for the weight gradient. weight and bias
-    must already be in act's dtype: under autocast the caller casts them, so that autograd's cast turns this
-    Function's low-precision weight gradient into the fp32 master one (as an autocast linear would).
-    """
-
-    @staticmethod
-    def forward(ctx, gate, up, weight, bias):
+    @triton_op("nanovision::act_linear", mutates_args=())
+    def _act_linear_op(gate: Optional[torch.Tensor], up: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """F.linear(act, weight, bias), act as in `act` (same shapes)."""
         if gate is not None and gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
         dtype = up.dtype if gate is None else torch.promote_types(gate.dtype, up.dtype)
         if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
             raise TypeError(f"weight/bias must be in the activation dtype {dtype} (cast them first under autocast)")
         g = None if gate is None else _dense(gate)
-        u = _dense(up)
         # The dtypes given are the compute dtypes: an enclosing autocast must not recast them (here, or in a backward
         # that runs on the autocast thread, as CPU backward does), or the gradients would not match the forward.
-        with torch.autocast(u.device.type, enabled=False):
-            out = F.linear(_act_forward(g, u, dtype), weight, bias)
-        ctx.save_for_backward(g, u, weight)
-        ctx.has_bias = bias is not None
-        return out
+        with torch.autocast(up.device.type, enabled=False):
+            return F.linear(_act_forward(g, _dense(up), dtype), weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        g, u, weight = ctx.saved_tensors
-        # act is rebuilt only when the weight gradient needs it; dgate/dup come from the same pass either way
-        act = torch.empty(u.shape, dtype=weight.dtype, device=u.device) if ctx.needs_input_grad[2] else None
+    @triton_op("nanovision::act_linear_backward", mutates_args=())
+    def _act_linear_backward_op(
+        grad_out: torch.Tensor, gate: Optional[torch.Tensor], up: torch.Tensor, weight: torch.Tensor, weight_grad: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dgate, dup, dweight); dgate empty without a gate, dweight empty unless weight_grad. act is rebuilt only
+        for the weight gradient; dgate/dup come from the same pass either way."""
+        g = None if gate is None else _dense(gate)
+        u = _dense(up)
+        act = torch.empty(u.shape, dtype=weight.dtype, device=u.device) if weight_grad else None
         with torch.autocast(u.device.type, enabled=False):
             # dh = grad_out @ W is a fresh temporary: the kernel writes dgate over it, so that this backward's peak
             # (gate, up, dh, act, dup) is no higher than the unfused one's (gate, up, dh, dgate, dup)
             dg, du = _act_backward(_dense(grad_out.matmul(weight)), g, u, act, reuse_dy=True)
-            go = grad_out.reshape(-1, grad_out.shape[-1])  # tokens flattened: [N, out]
-            dw = go.t().mm(act.reshape(-1, act.shape[-1])) if act is not None else None
-            db = go.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dg, du, dw, db
+            dw = (grad_out.reshape(-1, grad_out.shape[-1]).t().mm(act.reshape(-1, act.shape[-1])) if weight_grad
+                  else weight.new_empty(0))
+        return (u.new_empty(0) if dg is None else dg), du, dw
+
+
+def _act_setup_context(ctx, inputs, output):
+    gate, up = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _act_backward_fn(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dg, du = _act_backward_op(dy, gate, up)
+    return (None if gate is None else dg.sum_to_size(gate.shape)), du.sum_to_size(up.shape)
+
+
+def _act_linear_setup_context(ctx, inputs, output):
+    gate, up, weight, bias = inputs
+    ctx.save_for_backward(gate, up, weight)
+    ctx.has_bias = bias is not None
+
+
+def _act_linear_backward_fn(ctx, grad_out):
+    """The activation is not kept: the backward rebuilds it from gate/up, bit-identical to the forward one, in the
+    kernel that computes dgate/dup, then uses it for the weight gradient."""
+    gate, up, weight = ctx.saved_tensors
+    dg, du, dw = _act_linear_backward_op(grad_out, gate, up, weight, ctx.needs_input_grad[2])
+    db = None
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        with torch.autocast(up.device.type, enabled=False):
+            db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return (None if gate is None else dg), du, (dw if ctx.needs_input_grad[2] else None), db
+
+
+if HAS_TRITON:
+    _act_op.register_autograd(_act_backward_fn, setup_context=_act_setup_context)
+    _act_linear_op.register_autograd(_act_linear_backward_fn, setup_context=_act_linear_setup_context)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (Triton)."""
-    return SwiGLUFunction.apply(gate, up)
+    """silu(gate) * up (Triton); the backward recomputes the activation instead of saving it."""
+    return _act_op(gate, up)
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
     """relu(x) ** 2 (Triton)."""
-    return ReLU2Function.apply(x)
+    return _act_op(None, x)
 
 
 def swiglu_linear(gate, up, weight, bias=None):
-    """F.linear(silu(gate) * up, weight, bias) (Triton activation) without saving the activation for backward."""
-    return ActLinearFunction.apply(gate, up, weight, bias)
+    """F.linear(silu(gate) * up, weight, bias) (Triton activation) without saving the activation for backward.
+    weight and bias must already be in the activation's dtype: under autocast the caller casts them, so that
+    autograd's cast turns this op's low-precision weight gradient into the fp32 master one (as an autocast linear
+    would)."""
+    return _act_linear_op(gate, up, weight, bias)
 
 
 def relu2_linear(x, weight, bias=None):
     """F.linear(relu(x) ** 2, weight, bias) (Triton activation) without saving the activation for backward."""
-    return ActLinearFunction.apply(None, x, weight, bias)
+    return _act_linear_op(None, x, weight, bias)
