@@ -331,6 +331,11 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
         # A cache created by this call holds no past, so the mask must not depend on it: transformers detects packed
         # rows (position_ids restarting at 0, no attention_mask) only when no cache is given.
         past_for_mask = past_key_values
+        # Rows that are neither padded nor packed (no attention_mask, no position_ids, no past) are plain causal rows,
+        # for which SDPA needs no mask (is_causal). transformers finds that eagerly, but under torch.compile before
+        # torch 2.14 it cannot and builds a [T, T] mask, which tripled the attention's time on an H200.
+        plain_causal_sdpa = (attention_mask is None and position_ids is None and past_for_mask is None
+                             and self.config._attn_implementation == "sdpa")
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -340,7 +345,7 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
 
         # Packed rows get a block-diagonal causal mask here; flash_attention_2 instead needs the cu_seq_lens kwargs
         # (PackedDataCollator(return_flash_attn_kwargs=True)) for batches of more than one row.
-        causal_mask = create_causal_mask(
+        causal_mask = None if plain_causal_sdpa else create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
