@@ -72,7 +72,7 @@ def separate_qkv(model):
     return model
 
 
-# name -> (builder, attention implementation, sdpa backend or None, compile)
+# name -> (builder, sdpa backend or None, compile: False, True or torch.compile's keyword arguments)
 VARIANTS = {
     "llama sdpa (eager)": (lambda s: llama_model(s, "sdpa"), None, False),
     "llama sdpa + compile": (lambda s: llama_model(s, "sdpa"), None, True),
@@ -89,6 +89,9 @@ VARIANTS = {
                                           SDPBackend.CUDNN_ATTENTION, False),
     "+ fused kernels + cuDNN + compile": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                           SDPBackend.CUDNN_ATTENTION, True),
+    "+ fused kernels + cuDNN + compile max-autotune": (lambda s: nanovision_model(s, "sdpa", "llama", True),
+                                                       SDPBackend.CUDNN_ATTENTION,
+                                                       dict(mode="max-autotune-no-cudagraphs")),
     "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
                                              SDPBackend.CUDNN_ATTENTION, True),
     "nanovision nanochat-block, fused + cuDNN": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
@@ -174,7 +177,7 @@ def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup):
     torch.manual_seed(0)
     model = build(s).to(device).train()
     fpt = flops_per_token(model, s["seq"])
-    runner = torch.compile(model) if compiled else model
+    runner = torch.compile(model, **(compiled if isinstance(compiled, dict) else {})) if compiled else model
     seconds, peak_gib, loss = time_steps(runner, batch, backend, steps, warmup)
     tokens_per_s = useful_tokens / seconds
     row = dict(variant=name, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s, tflops=tokens_per_s * fpt / 1e12,
@@ -281,7 +284,7 @@ def main():
     packed_rows = lognormal_rows(s)
     packed, useful = make_batch(s, device, packed_rows)
     packed_result = []
-    # the Triton varlen kernels run eager: the fused model gains nothing from compile (graph breaks at the kernels)
+    # the Triton varlen kernels are no torch.library op: compiled, the model would break its graph at each attention
     for attn in args.packed:
         compiled = attn != "nanovision_varlen"
         name = f"nanovision best, packed ({attn})"
