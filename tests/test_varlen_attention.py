@@ -122,6 +122,26 @@ LENGTHS = {
 
 
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+def test_reference_is_causal_sdpa_per_document(lengths):
+    """The reference batches documents of a length class with padding: it must equal plain per-document SDPA."""
+    import torch.nn.functional as F
+
+    _seed("reference", lengths)
+    cu = cu_seqlens_of(lengths)
+    q, k, v = (f64(t) for t in qkv(sum(lengths), 4, 2, 16))
+    out = varlen_attention_reference(q, k, v, cu, max(lengths))
+    bounds = cu.tolist()
+    expected = torch.cat([
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                       enable_gqa=True).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    dout = rand(*out.shape, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(expected, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
 def test_matches_reference(poison, lengths, heads):
     _seed("ref", lengths, heads)

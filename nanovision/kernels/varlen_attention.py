@@ -41,18 +41,33 @@ def varlen_attention_reference(
 ) -> torch.Tensor:
     """Per-document causal SDPA with repeated kv heads, in fp32 (fp64 for fp64 inputs), returned in q's dtype.
 
-    `max_seqlen` is unused; it keeps the signature of `varlen_attention`.
+    Documents of similar length (the same power-of-two length class) run as one SDPA batch, each padded at its end
+    to the longest of its class: causality hides that padding from the document's own tokens, and the padded
+    positions' outputs are dropped, so every document still attends to itself alone. A Python loop per document
+    costs more than the attention on a CPU, and dense attention over whole packed rows computes every
+    cross-document pair. `max_seqlen` is unused; it keeps the signature of `varlen_attention`.
     """
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs = q[start:end].transpose(0, 1).to(compute_dtype)
-        ks = k[start:end].transpose(0, 1).to(compute_dtype).repeat_interleave(group, 0)
-        vs = v[start:end].transpose(0, 1).to(compute_dtype).repeat_interleave(group, 0)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
-    return torch.cat(outs).to(q.dtype)
+    cu_seqlens = cu_seqlens.to(q.device, torch.long)
+    starts, lengths = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
+    length_class = torch.log2(lengths.clamp(min=1).double()).ceil().long()
+    outs, token_ids = [], []
+    for cls in length_class[lengths > 0].unique().tolist():
+        docs = ((length_class == cls) & (lengths > 0)).nonzero()[:, 0]
+        offsets = torch.arange(int(lengths[docs].max()), device=q.device)
+        inside = offsets < lengths[docs, None]  # [docs, longest]
+        # padded positions read their document's first token: any finite value works, causality hides them
+        index = starts[docs, None] + torch.where(inside, offsets, 0)
+
+        def batch(x, repeats=1):
+            x = x[index].to(compute_dtype).transpose(1, 2)  # [docs, heads, longest, D]
+            return x.repeat_interleave(repeats, 1) if repeats > 1 else x
+
+        out = F.scaled_dot_product_attention(batch(q), batch(k, group), batch(v, group), is_causal=True, scale=scale)
+        outs.append(out.transpose(1, 2)[inside])
+        token_ids.append(index[inside])
+    return torch.cat(outs)[torch.cat(token_ids).argsort()].to(q.dtype)
 
 
 # --------------------------------------------------------------------------- #
