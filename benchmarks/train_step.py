@@ -92,6 +92,8 @@ VARIANTS = {
     "+ fused kernels + cuDNN + compile max-autotune": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                                        SDPBackend.CUDNN_ATTENTION,
                                                        dict(mode="max-autotune-no-cudagraphs")),
+    "+ fused kernels + cuDNN + compile reduce-overhead": (lambda s: nanovision_model(s, "sdpa", "llama", True),
+                                                          SDPBackend.CUDNN_ATTENTION, dict(mode="reduce-overhead")),
     "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
                                              SDPBackend.CUDNN_ATTENTION, True),
     "nanovision nanochat-block, fused + cuDNN": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),
@@ -152,6 +154,7 @@ def time_steps(model, batch, attention_backend, steps, warmup):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph replays (mode="reduce-overhead") start a new step here
         backend = sdpa_kernel(attention_backend) if attention_backend is not None else contextlib.nullcontext()
         with backend, torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**batch).loss

@@ -443,12 +443,15 @@ ROPE_CASES = [
     (2, 4, 2, 7, 64, "bthd", 2),
     (2, 3, 3, 5, 100, "bhtd", 1),
     (1, 5, 1, 9, 80, "bthd", 1),
+    (2, 4, 2, 6, 64, "qkv", 1),
 ]
 
 
 def _qk(B, H, T, D, layout, dtype):
     if layout == "bthd":  # the attention module's `.view(B, T, H, D).transpose(1, 2)`
         return rand(B, T, H, D, dtype=dtype).transpose(1, 2).requires_grad_(True)
+    if layout == "qkv":  # the same of a slice of one q/k/v GEMM's output: not dense
+        return rand(B, T, (H + 3) * D, dtype=dtype)[..., : H * D].view(B, T, H, D).transpose(1, 2).requires_grad_(True)
     return leaf(rand(B, H, T, D, dtype=dtype))
 
 
@@ -465,6 +468,10 @@ def test_rope(poison, case, dtype):
     q64, k64 = f64(q), f64(k)
     qr, kr = apply_rotary_reference(q64, k64, cos.double(), sin.double())
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+    # outputs keep the inputs' memory order, dense: token-major stays token-major, so that attention's output and the
+    # gradients back to the projections need no transposing copy
+    for out in (qo, ko):
+        assert (out.transpose(1, 2) if layout != "bhtd" else out).is_contiguous()
     assert_close(qo, qr, dtype, "q")
     assert_close(ko, kr, dtype, "k")
     gq, gk = rand(*q.shape, dtype=dtype), rand(*k.shape, dtype=dtype)

@@ -115,6 +115,15 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like `x` whose memory runs in x's stride order, dense. q/k arrive as [B, H, T, D]
+    views of token-major [B, T, H * D] projections: empty_like would lay a non-dense view out as contiguous [B, H, T, D],
+    so that attention's output and every gradient back to the projection would need a transposing copy."""
+    order = sorted(range(x.dim()), key=lambda i: -x.stride(i))  # stable: equal strides keep their order
+    return torch.empty([x.shape[i] for i in order], dtype=x.dtype, device=x.device).permute(
+        *sorted(range(x.dim()), key=order.__getitem__))
+
+
 def _cs_strides(c: torch.Tensor, B: int):
     # cos/sin: [B or 1, T, D] (also accepts [T, D]); batch stride 0 when broadcast
     if c.dim() == 2:
@@ -144,8 +153,8 @@ if HAS_TRITON:
         k = _unit_last(k)
         cos = _unit_last(cos)
         sin = _unit_last(sin)
-        qo = torch.empty_like(q)  # keeps the (dense) input layout
-        ko = torch.empty_like(k)
+        qo = _empty_in_memory_order(q)
+        ko = _empty_in_memory_order(k)
         if B * T == 0:
             return qo, ko
         block_d = triton.next_power_of_2(half)
@@ -191,6 +200,6 @@ def apply_rotary(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, T, D] and k [B, Hk, T, D] by cos/sin [B or 1, T, D] (Triton).
 
-    Outputs keep q/k's dtype and (dense) layout; cos/sin receive no gradient.
+    Outputs keep q/k's dtype and memory order (dense); cos/sin receive no gradient.
     """
     return _rope_op(q, k, cos, sin, False)
