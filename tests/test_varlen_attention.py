@@ -242,3 +242,22 @@ def test_errors():
         varlen_attention(q, k, v, cu, 4.0)
     with pytest.raises(ValueError, match="cu_seqlens is on"):
         varlen_attention(q, k, v, cu.to("meta" if DEVICE == "cpu" else "cpu"), 4)
+
+
+def test_attention_interface_follows_autocast():
+    """Under autocast a transformers model hands attention fp32 q/k (rotated by fp32 RoPE tables) and a bf16 v: the
+    interface casts all three to the autocast dtype, as autocast does for SDPA. (float16: the interpreter's bf16 dot is
+    wrong, see test_half_precision.)"""
+    from nanovision.kernels import varlen_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=DEVICE)
+    q, k = rand(1, 4, 8, 16), rand(1, 2, 8, 16)
+    v = rand(1, 2, 8, 16, dtype=torch.float16)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out, _ = varlen_attention_forward(module, q, k, v, None, scaling=0.25, position_ids=position_ids)
+    assert out.shape == (1, 8, 4, 16) and out.dtype == torch.float16
+    tokens = [t[0].transpose(0, 1).half().double() for t in (q, k, v)]
+    expected = varlen_attention_reference(*tokens, cu_seqlens_of([5, 3]), 5, 0.25)
+    torch.testing.assert_close(out[0].double(), expected, atol=5e-3, rtol=5e-3)

@@ -292,6 +292,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                                       **kwargs)
     if dropout:
         raise ValueError(f"attn_implementation={VARLEN_ATTENTION!r} has no attention dropout; set attention_dropout=0.")
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # what autocast does for SDPA: under autocast, q/k leave RoPE's fp32 tables in fp32 while v comes out of its
+        # projection in the autocast dtype
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     batch, heads, length, head_dim = query.shape
     if key.shape[2] != length:
         # the flash-style mask hook gives no mask or a 2D padding one: spell out causality against the cached past
