@@ -313,6 +313,33 @@ def test_rms_norm_residual_only_sum_used(poison):
     torch.testing.assert_close(gr, torch.full_like(gr, 3.0))
 
 
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_forward_passes_the_input_once(monkeypatch, with_weight):
+    """Only the X argument of the forward kernel points at x: torch.compile copies a tensor once for every Triton
+    argument that aliases it, so the unused residual / sum / weight pointers must be buffers of their own."""
+    rms_mod = K._rms_mod
+    launches = []
+    wrap_triton = rms_mod.wrap_triton
+
+    def recording_wrap(kernel):
+        launcher = wrap_triton(kernel)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append(args)
+                    return launcher[grid](*args, **kwargs)
+                return launch
+        return Recorder()
+
+    monkeypatch.setattr(rms_mod, "wrap_triton", recording_wrap)
+    x = rand(6, 64)
+    tri_rms_norm(x, rand(64) if with_weight else None, 1e-6)
+    (args,) = launches
+    same_memory = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.data_ptr() == x.data_ptr()]
+    assert same_memory == [0]
+
+
 # --------------------------------------------------------------------------- #
 # SwiGLU / ReLU^2
 # --------------------------------------------------------------------------- #
