@@ -69,6 +69,16 @@ def separate_qkv(model):
     for module in model.modules():
         if hasattr(module, "qkv_fn"):
             module.qkv_fn = project_qkv
+            module.qkv_rotary_fn = None
+    return model
+
+
+def rotary_after_split(model):
+    """The fused model as it was before the rotary took the packed q/k/v GEMM output (ablation): the rotary on q/k
+    slices of it, and autograd concatenating the q, k and v gradients."""
+    for module in model.modules():
+        if hasattr(module, "qkv_rotary_fn"):
+            module.qkv_rotary_fn = None
     return model
 
 
@@ -94,6 +104,8 @@ VARIANTS = {
                                                        dict(mode="max-autotune-no-cudagraphs")),
     "+ fused kernels + cuDNN + compile reduce-overhead": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                                           SDPBackend.CUDNN_ATTENTION, dict(mode="reduce-overhead")),
+    "+ fused kernels + cuDNN + compile, rotary after the q/k/v split": (
+        lambda s: rotary_after_split(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, True),
     "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
                                              SDPBackend.CUDNN_ATTENTION, True),
     "nanovision nanochat-block, fused + cuDNN": (lambda s: nanovision_model(s, "sdpa", "nanochat", True),

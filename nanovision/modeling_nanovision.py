@@ -188,9 +188,11 @@ class NanoVisionTextAttention(nn.Module):
             self.q_norm = NanoVisionRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=learnable)
             self.k_norm = NanoVisionRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=learnable)
         # Plain function attributes so nanovision.kernels can swap in the fused rotary kernel and a single q/k/v GEMM
-        # per instance.
+        # per instance; `qkv_rotary_fn(self, hidden_states, cos, sin)`, when set, does both in one step (without
+        # QK-norm, which would sit between them).
         self.rotary_fn = apply_rotary_pos_emb
         self.qkv_fn = project_qkv
+        self.qkv_rotary_fn = None
 
     def forward(
         self,
@@ -202,15 +204,19 @@ class NanoVisionTextAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states, key_states, value_states = self.qkv_fn(self, hidden_states)
-        query_states = query_states.view(hidden_shape)
-        key_states = key_states.view(hidden_shape)
-        value_states = value_states.view(hidden_shape).transpose(1, 2)
-        if self.config.qk_norm != "none":
-            query_states = self.q_norm(query_states)
-            key_states = self.k_norm(key_states)
         cos, sin = position_embeddings
-        query_states, key_states = self.rotary_fn(query_states.transpose(1, 2), key_states.transpose(1, 2), cos, sin)
+        if self.qkv_rotary_fn is not None and self.config.qk_norm == "none":
+            query_states, key_states, value_states = self.qkv_rotary_fn(self, hidden_states, cos, sin)
+        else:
+            query_states, key_states, value_states = self.qkv_fn(self, hidden_states)
+            query_states = query_states.view(hidden_shape)
+            key_states = key_states.view(hidden_shape)
+            value_states = value_states.view(hidden_shape).transpose(1, 2)
+            if self.config.qk_norm != "none":
+                query_states = self.q_norm(query_states)
+                key_states = self.k_norm(key_states)
+            query_states, key_states = self.rotary_fn(query_states.transpose(1, 2), key_states.transpose(1, 2),
+                                                      cos, sin)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

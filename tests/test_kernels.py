@@ -19,6 +19,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -39,7 +40,12 @@ from nanovision.kernels.fused_linear_cross_entropy import (  # noqa: E402
     linear_cross_entropy_reference,
 )
 from nanovision.kernels.rms_norm import rms_norm as tri_rms_norm, rms_norm_reference  # noqa: E402
-from nanovision.kernels.rope import apply_rotary as tri_rope, apply_rotary_reference  # noqa: E402
+from nanovision.kernels.rope import (  # noqa: E402
+    apply_rotary as tri_rope,
+    apply_rotary_qkv as tri_rope_qkv,
+    apply_rotary_qkv_reference,
+    apply_rotary_reference,
+)
 from nanovision.kernels.swiglu import (  # noqa: E402
     relu2 as tri_relu2,
     relu2_linear as tri_relu2_linear,
@@ -522,6 +528,49 @@ def test_rope_only_q_used(poison):
     assert (gk == 0).all()
 
 
+ROPE_QKV_CASES = [
+    # B, Hq, Hk, T, D, cos batch
+    (1, 2, 1, 1, 64, 1),
+    (2, 4, 2, 7, 64, 2),
+    (2, 3, 3, 5, 100, 1),
+    (1, 5, 1, 9, 80, 1),
+]
+
+
+@pytest.mark.parametrize("case", ROPE_QKV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_qkv(poison, case, dtype):
+    """RoPE on the packed q/k/v GEMM output: rotated q/k and v against the float64 reference, token-major outputs, and
+    the packed gradient (dq and dk rotated back, dv copied) written in one tensor."""
+    B, Hq, Hk, T, D, cb = case
+    _seed("rope_qkv", case, dtype)
+    qkv = leaf(rand(B, T, (Hq + 2 * Hk) * D, dtype=dtype))
+    cos, sin = _cos_sin(cb, T, D, dtype)
+    outs = tri_rope_qkv(qkv, cos, sin, Hq, Hk)
+    qkv64 = f64(qkv)
+    refs = apply_rotary_qkv_reference(qkv64, cos.double(), sin.double(), Hq, Hk)
+    for name, out, ref in zip("qkv", outs, refs):
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert out.transpose(1, 2).is_contiguous(), name  # token-major, like the projection's output
+        assert_close(out, ref, dtype, name)
+    grads = [rand(*out.shape, dtype=dtype) for out in outs]
+    (got,) = torch.autograd.grad(sum((out * g).sum() for out, g in zip(outs, grads)), (qkv,))
+    (want,) = torch.autograd.grad(sum((ref * g.double()).sum() for ref, g in zip(refs, grads)), (qkv64,))
+    assert got.shape == qkv.shape and got.is_contiguous()
+    assert_close(got, want, dtype, "dqkv")
+
+
+def test_rope_qkv_gradient_of_unused_outputs_and_bad_widths(poison):
+    _seed("rope_qkv_unused")
+    qkv = leaf(rand(2, 3, 4 * 32))
+    cos, sin = _cos_sin(1, 3, 32, F32)
+    q, k, v = tri_rope_qkv(qkv, cos, sin, 2, 1)
+    (grad,) = torch.autograd.grad(v.sum(), (qkv,))
+    assert (grad[..., :96] == 0).all() and (grad[..., 96:] == 1).all()
+    with pytest.raises(ValueError, match="n_q_heads"):
+        tri_rope_qkv(qkv, cos, sin, 3, 1)
+
+
 # --------------------------------------------------------------------------- #
 # Fused linear cross-entropy
 # --------------------------------------------------------------------------- #
@@ -879,6 +928,7 @@ def test_apply_fused_kernels_matches_original(caplog):
     assert isinstance(model.layers[0].mlp, K.FusedMLP) and model.layers[1].mlp.mlp_type == "relu2"
     assert model.layers[0].self_attn.rotary_fn is K.apply_rotary
     assert model.layers[0].self_attn.qkv_fn is L.fused_qkv
+    assert model.layers[0].self_attn.qkv_rotary_fn is L.fused_qkv_rotary
     assert model.linear_cross_entropy is K.fused_linear_cross_entropy
     assert "NanoVisionRMSNorm" not in {type(m).__name__ for m in model.modules()}
     assert type(ref.norm).__name__ == "NanoVisionRMSNorm"  # other instances untouched
@@ -931,6 +981,37 @@ def test_fused_qkv_keeps_projections_that_are_not_plain_linears():
     assert calls == ["k"]
     torch.testing.assert_close(k, attention.k_proj.weight.new_tensor(2.0) * F.linear(x, attention.k_proj.weight,
                                                                                       attention.k_proj.bias))
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_fused_qkv_rotary_matches_projections_then_rotary(poison, hooked):
+    """One GEMM + the packed rotary: the same q/k/v and input/weight gradients as three projections, the model's
+    views and the reference rotary; a hooked projection (not a plain linear) keeps its own call and is concatenated."""
+    _seed("fused_qkv_rotary", hooked)
+    attention = nn.Module()
+    for name, width in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+        setattr(attention, name, nn.Linear(24, width, bias=False, device=DEVICE))
+    attention.config = SimpleNamespace(num_attention_heads=2, num_key_value_heads=1)
+    reference = copy.deepcopy(attention)
+    if hooked:
+        for module in (attention, reference):
+            module.k_proj.register_forward_hook(lambda module, args, out: out * 2)
+    x1 = leaf(rand(2, 5, 24))
+    x2 = leaf(x1)
+    cos, sin = _cos_sin(1, 5, 32, F32)
+    fused = L.fused_qkv_rotary(attention, x1, cos, sin)
+    q, k, v = (projection(x2).view(2, 5, -1, 32).transpose(1, 2)
+               for projection in (reference.q_proj, reference.k_proj, reference.v_proj))
+    plain = (*apply_rotary_reference(q, k, cos, sin), v)
+    grads = [rand(*t.shape) for t in plain]
+    sum((a * g).sum() for a, g in zip(fused, grads)).backward()
+    sum((a * g).sum() for a, g in zip(plain, grads)).backward()
+    for name, a, b in zip("qkv", fused, plain):
+        assert_close(a, b, F32, name)
+    assert_close(x1.grad, x2.grad, F32, "dx")
+    reference_params = dict(reference.named_parameters())
+    for name, p in attention.named_parameters():
+        assert_close(p.grad, reference_params[name].grad, F32, name)
 
 
 def test_apply_fused_kernels_subset_and_validation():

@@ -41,11 +41,12 @@ _REFERENCES = {
     "swiglu_linear": _swiglu_mod.swiglu_linear_reference,
     "relu2_linear": _swiglu_mod.relu2_linear_reference,
     "rope": _rope_mod.apply_rotary_reference,
+    "rope_qkv": _rope_mod.apply_rotary_qkv_reference,
     "linear_ce": _flce_mod.linear_cross_entropy_reference,
 }
 # the activation + down projection ops belong to the "swiglu" op: FusedMLP is what applies either
 _OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "swiglu_linear": "swiglu",
-          "relu2_linear": "swiglu", "rope": "rope", "linear_ce": "linear_ce"}
+          "relu2_linear": "swiglu", "rope": "rope", "rope_qkv": "rope", "linear_ce": "linear_ce"}
 
 _BACKENDS: Optional[Dict[str, str]] = None
 _FALLBACK: Optional[str] = None
@@ -210,6 +211,15 @@ def apply_rotary(q, k, cos, sin):
     return _run_reference("rope", b, q, k, cos, sin)
 
 
+def apply_rotary_qkv(qkv, cos, sin, n_q_heads: int, n_kv_heads: int):
+    """RoPE on packed q/k/v projections [B, T, (Hq + 2 Hk) * D] -> (q_rot [B, Hq, T, D], k_rot, v [B, Hk, T, D]); the
+    Triton backward writes the packed gradient in one pass."""
+    b = _backend("rope", qkv)
+    if b == "triton":
+        return _triton(_rope_mod.apply_rotary_qkv)(qkv, cos, sin, n_q_heads, n_kv_heads)
+    return _run_reference("rope_qkv", b, qkv, cos, sin, n_q_heads, n_kv_heads)
+
+
 def fused_linear_cross_entropy(
     hidden,
     lm_head_weight,
@@ -264,6 +274,7 @@ __all__ = [
     "swiglu_linear",
     "relu2_linear",
     "apply_rotary",
+    "apply_rotary_qkv",
     "fused_linear_cross_entropy",
     "varlen_attention",
     "varlen_attention_forward",

@@ -3,8 +3,10 @@
 `apply_fused_kernels(model, ops=None)` patches one model instance in place:
   rms_norm             NanoVisionRMSNorm        -> FusedRMSNorm (same weight Parameter)
   swiglu               NanoVisionTextMLP        -> FusedMLP (same Linear submodules; swiglu or relu2)
-  rope                 NanoVisionTextAttention  -> instance attributes rotary_fn = apply_rotary and
-                                                   qkv_fn = fused_qkv (q/k/v as one GEMM)
+  rope                 NanoVisionTextAttention  -> instance attributes rotary_fn = apply_rotary,
+                                                   qkv_fn = fused_qkv (q/k/v as one GEMM) and
+                                                   qkv_rotary_fn = fused_qkv_rotary (that GEMM and the
+                                                   rotary as one step, where there is no QK-norm)
   linear_cross_entropy NanoVisionForCausalLM /
                        NanoVisionForConditionalGeneration -> linear_cross_entropy = fused op
 Modules are matched by class name so remote-code copies of the classes work too.
@@ -128,21 +130,41 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return not any(local) and not any(global_)
 
 
+def _packed_qkv(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """One GEMM over the concatenated q/k/v weights -> [B, T, q + k + v widths]; None where the projections are not
+    all plain linears (adapters, tensor-parallel hooks) or mix biased and unbiased ones."""
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    biased = {p.bias is not None for p in projections if isinstance(p, nn.Linear)}
+    if not all(_is_plain_linear(p) for p in projections) or len(biased) != 1:
+        return None
+    weight = torch.cat([p.weight for p in projections])
+    bias = torch.cat([p.bias for p in projections]) if biased == {True} else None
+    return nn.functional.linear(hidden_states, weight, bias)
+
+
 def fused_qkv(attention: nn.Module, hidden_states: torch.Tensor):
     """The q/k/v projections as one GEMM over their concatenated weights; the outputs are slices of its result.
     Under autocast that is one cast of the fp32 weights instead of three, and the backward runs one input-gradient and
     one weight-gradient GEMM instead of three each (and no sum of three input gradients): fewer, larger kernels in a
     step whose small ones are bound by their launches. Same values as the three linears, to GEMM rounding. Projections
-    that are not plain linears (adapters, tensor-parallel hooks), or a mix of biased and unbiased ones, keep their
-    own calls."""
+    that are not plain linears, or a mix of biased and unbiased ones, keep their own calls."""
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    biased = {p.bias is not None for p in projections if isinstance(p, nn.Linear)}
-    if not all(_is_plain_linear(p) for p in projections) or len(biased) != 1:
+    out = _packed_qkv(attention, hidden_states)
+    if out is None:
         return tuple(p(hidden_states) for p in projections)
-    weight = torch.cat([p.weight for p in projections])
-    bias = torch.cat([p.bias for p in projections]) if biased == {True} else None
-    out = nn.functional.linear(hidden_states, weight, bias)
     return out.split([p.out_features for p in projections], dim=-1)
+
+
+def fused_qkv_rotary(attention: nn.Module, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`fused_qkv`'s GEMM, then the rotary embedding on its packed output (`apply_rotary_qkv`) -> q [B, Hq, T, D],
+    k and v [B, Hk, T, D]. The rotary's backward writes the GEMM output's gradient in one pass, where slices of it
+    would leave autograd to concatenate the q, k and v gradients. Projections that `fused_qkv` keeps apart are
+    concatenated first."""
+    packed = _packed_qkv(attention, hidden_states)
+    if packed is None:
+        packed = torch.cat([p(hidden_states) for p in (attention.q_proj, attention.k_proj, attention.v_proj)], dim=-1)
+    config = attention.config
+    return _ops().apply_rotary_qkv(packed, cos, sin, config.num_attention_heads, config.num_key_value_heads)
 
 
 class FusedMLP(nn.Module):
@@ -231,6 +253,7 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         if "rope" in counts and cls_name in ATTENTION_CLASS_NAMES:
             module.rotary_fn = pkg.apply_rotary
             module.qkv_fn = fused_qkv
+            module.qkv_rotary_fn = fused_qkv_rotary
             counts["rope"] += 1
         if "linear_cross_entropy" in counts and cls_name in LM_CLASS_NAMES:
             module.linear_cross_entropy = pkg.fused_linear_cross_entropy
