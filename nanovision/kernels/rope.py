@@ -118,8 +118,11 @@ if HAS_TRITON:
         tl.store(o_ptr + half, tl.load(x_ptr + half, mask=mask).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _angles(COS, scb, sct, SIN, ssb, sst, b, t, half, BLOCK_D: tl.constexpr):
-        """Position (b, t)'s cos/sin, each as its two halves (fp32)."""
+    def _position_angles(COS, scb, sct, SIN, ssb, sst, T, half, BLOCK_D: tl.constexpr):
+        """This program's position (b, t) and its cos/sin, each as its two halves (fp32)."""
+        pid = tl.program_id(0)
+        b = (pid // T).to(tl.int64)
+        t = (pid % T).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         dmask = d < half
         cos_ptr = COS + b * scb + t * sct + d
@@ -128,7 +131,7 @@ if HAS_TRITON:
         c2 = tl.load(cos_ptr + half, mask=dmask, other=0.0).to(tl.float32)
         s1 = tl.load(sin_ptr, mask=dmask, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + half, mask=dmask, other=0.0).to(tl.float32)
-        return c1, c2, s1, s2
+        return b, t, c1, c2, s1, s2
 
     @triton.jit
     def _rope_kernel(
@@ -144,10 +147,7 @@ if HAS_TRITON:
         BLOCK_HK: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        b = (pid // T).to(tl.int64)
-        t = (pid % T).to(tl.int64)
-        c1, c2, s1, s2 = _angles(COS, scb, sct, SIN, ssb, sst, b, t, half, BLOCK_D)
+        b, t, c1, c2, s1, s2 = _position_angles(COS, scb, sct, SIN, ssb, sst, T, half, BLOCK_D)
         _rotate_heads(Q, sqb, sqh, sqt, QO, sqob, sqoh, sqot, b, t, n_q_heads, half,
                       c1, c2, s1, s2, BACKWARD, BLOCK_HQ, BLOCK_D)
         _rotate_heads(K, skb, skh, skt, KO, skob, skoh, skot, b, t, n_k_heads, half,
@@ -170,10 +170,7 @@ if HAS_TRITON:
         """Forward: packed q/k/v (QKV, [B, T, (Hq + 2 Hk) * D], heads D apart) -> rotated Q, K and a copy V.
         Backward: the gradients Q, K, V -> the packed gradient QKV (Q and K rotated back). QKV is one pointer with
         column offsets: torch.compile copies a tensor passed as several aliasing kernel arguments."""
-        pid = tl.program_id(0)
-        b = (pid // T).to(tl.int64)
-        t = (pid % T).to(tl.int64)
-        c1, c2, s1, s2 = _angles(COS, scb, sct, SIN, ssb, sst, b, t, half, BLOCK_D)
+        b, t, c1, c2, s1, s2 = _position_angles(COS, scb, sct, SIN, ssb, sst, T, half, BLOCK_D)
         head = 2 * half
         QKV_K = QKV + n_q_heads * head
         QKV_V = QKV_K + n_k_heads * head
