@@ -571,6 +571,17 @@ def test_rope_qkv_gradient_of_unused_outputs_and_bad_widths(poison):
         tri_rope_qkv(qkv, cos, sin, 3, 1)
 
 
+def test_rope_bad_angles_and_head_dims():
+    q, k = _qk(1, 2, 3, 32, "bhtd", F32), _qk(1, 1, 3, 32, "bhtd", F32)
+    cos, sin = _cos_sin(1, 3, 32, F32)
+    with pytest.raises(ValueError, match="cos must be"):
+        tri_rope(q, k, cos[:, :2], sin)
+    with pytest.raises(ValueError, match="sin must be"):
+        tri_rope_qkv(rand(1, 3, 4 * 32), cos, sin[..., :16], 2, 1)
+    with pytest.raises(ValueError, match="even"):
+        tri_rope(_qk(1, 2, 3, 31, "bhtd", F32), _qk(1, 1, 3, 31, "bhtd", F32), cos[..., :31], sin[..., :31])
+
+
 # --------------------------------------------------------------------------- #
 # Fused linear cross-entropy
 # --------------------------------------------------------------------------- #

@@ -49,14 +49,19 @@ def apply_rotary_reference(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def _split_qkv(qkv: torch.Tensor, n_q_heads: int, n_kv_heads: int):
-    """[B, T, (Hq + 2 Hk) * D] -> q [B, Hq, T, D], k and v [B, Hk, T, D] views."""
-    B, T, width = qkv.shape
+def _qkv_head_dim(qkv: torch.Tensor, n_q_heads: int, n_kv_heads: int) -> int:
+    width = qkv.shape[-1]
     heads = n_q_heads + 2 * n_kv_heads
     if n_q_heads < 1 or n_kv_heads < 1 or width % heads or (width // heads) % 2:
         raise ValueError(f"qkv's last dim ({width}) must be (n_q_heads + 2 * n_kv_heads) = {heads} heads of an even "
                          f"head dim (n_q_heads={n_q_heads}, n_kv_heads={n_kv_heads})")
-    D = width // heads
+    return width // heads
+
+
+def _split_qkv(qkv: torch.Tensor, n_q_heads: int, n_kv_heads: int):
+    """[B, T, (Hq + 2 Hk) * D] -> q [B, Hq, T, D], k and v [B, Hk, T, D] views."""
+    B, T, _ = qkv.shape
+    D = _qkv_head_dim(qkv, n_q_heads, n_kv_heads)
     q, k, v = qkv.split([n_q_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
     return (q.view(B, T, n_q_heads, D).transpose(1, 2), k.view(B, T, n_kv_heads, D).transpose(1, 2),
             v.view(B, T, n_kv_heads, D).transpose(1, 2))
@@ -253,8 +258,7 @@ if HAS_TRITON:
         """Packed q/k/v [B, T, (Hq + 2 Hk) * D] -> rotated q [B, Hq, T, D], rotated k and v [B, Hk, T, D] (views of
         token-major buffers)."""
         B, T, _ = qkv.shape
-        q, k, v = _split_qkv(qkv, n_q_heads, n_kv_heads)
-        D = q.shape[-1]
+        D = _qkv_head_dim(qkv, n_q_heads, n_kv_heads)
         cos, sin = _checked_angles(cos, sin, B, T, D)
         qkv = _unit_last(qkv)
         qo, ko, vo = (qkv.new_empty(B, T, heads, D).transpose(1, 2) for heads in (n_q_heads, n_kv_heads, n_kv_heads))
