@@ -62,23 +62,22 @@ def mlp_keeps_activation(model):
     return model
 
 
-def separate_qkv(model):
-    """The fused model as it was before q/k/v ran as one GEMM (ablation): each attention's three projections again."""
-    from nanovision.modeling_nanovision import project_qkv
-
-    for module in model.modules():
-        if hasattr(module, "qkv_fn"):
-            module.qkv_fn = project_qkv
-            module.qkv_rotary_fn = None
-    return model
-
-
 def rotary_after_split(model):
     """The fused model as it was before the rotary took the packed q/k/v GEMM output (ablation): the rotary on q/k
     slices of it, and autograd concatenating the q, k and v gradients."""
     for module in model.modules():
         if hasattr(module, "qkv_rotary_fn"):
             module.qkv_rotary_fn = None
+    return model
+
+
+def separate_qkv(model):
+    """The fused model as it was before q/k/v ran as one GEMM (ablation): each attention's three projections again."""
+    from nanovision.modeling_nanovision import project_qkv
+
+    for module in rotary_after_split(model).modules():
+        if hasattr(module, "qkv_fn"):
+            module.qkv_fn = project_qkv
     return model
 
 
