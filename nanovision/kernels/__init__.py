@@ -40,13 +40,15 @@ _REFERENCES = {
     "relu2": _swiglu_mod.relu2_reference,
     "swiglu_linear": _swiglu_mod.swiglu_linear_reference,
     "relu2_linear": _swiglu_mod.relu2_linear_reference,
+    "swiglu_linear_packed": _swiglu_mod.swiglu_linear_packed_reference,
     "rope": _rope_mod.apply_rotary_reference,
     "rope_qkv": _rope_mod.apply_rotary_qkv_reference,
     "linear_ce": _flce_mod.linear_cross_entropy_reference,
 }
 # the activation + down projection ops belong to the "swiglu" op: FusedMLP is what applies either
 _OP_OF = {"rms_norm": "rms_norm", "swiglu": "swiglu", "relu2": "swiglu", "swiglu_linear": "swiglu",
-          "relu2_linear": "swiglu", "rope": "rope", "rope_qkv": "rope", "linear_ce": "linear_ce"}
+          "relu2_linear": "swiglu", "swiglu_linear_packed": "swiglu", "rope": "rope", "rope_qkv": "rope",
+          "linear_ce": "linear_ce"}
 
 _BACKENDS: Optional[Dict[str, str]] = None
 _FALLBACK: Optional[str] = None
@@ -161,12 +163,12 @@ def _backend(op: str, t: torch.Tensor) -> str:
     return b
 
 
-def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, out_dtype=None, weight_divides=None):
+def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, out_dtype=None):
     """RMSNorm over the last dim; with `residual` returns (norm(x + residual), x + residual); the normalised output
-    in `out_dtype` if given. weight_divides: see `nanovision.kernels.rms_norm.rms_norm` (Triton backend only)."""
+    in `out_dtype` if given."""
     b = _backend("rms_norm", x)
     if b == "triton":
-        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual, out_dtype, weight_divides)
+        return _triton(_rms_mod.rms_norm)(x, weight, eps, residual, out_dtype)
     return _run_reference("rms_norm", b, x, weight, eps, residual, out_dtype)
 
 
@@ -201,6 +203,14 @@ def relu2_linear(x, weight, bias=None):
     if b == "triton":
         return _triton(_swiglu_mod.relu2_linear)(x, weight, bias)
     return _run_reference("relu2_linear", b, x, weight, bias)
+
+
+def swiglu_linear_packed(gate_up, weight, bias=None):
+    """swiglu_linear on gate and up packed as one [..., 2 * I] tensor (gate first), whose gradient is one tensor too."""
+    b = _backend("swiglu", gate_up)
+    if b == "triton":
+        return _triton(_swiglu_mod.swiglu_linear_packed)(gate_up, weight, bias)
+    return _run_reference("swiglu_linear_packed", b, gate_up, weight, bias)
 
 
 def apply_rotary(q, k, cos, sin):
@@ -273,6 +283,7 @@ __all__ = [
     "relu2",
     "swiglu_linear",
     "relu2_linear",
+    "swiglu_linear_packed",
     "apply_rotary",
     "apply_rotary_qkv",
     "fused_linear_cross_entropy",

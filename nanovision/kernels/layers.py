@@ -2,7 +2,8 @@
 
 `apply_fused_kernels(model, ops=None)` patches one model instance in place:
   rms_norm             NanoVisionRMSNorm        -> FusedRMSNorm (same weight Parameter)
-  swiglu               NanoVisionTextMLP        -> FusedMLP (same Linear submodules; swiglu or relu2)
+  swiglu               NanoVisionTextMLP        -> FusedMLP (same Linear submodules; swiglu or relu2;
+                                                   gate/up as one GEMM)
   rope                 NanoVisionTextAttention  -> instance attributes rotary_fn = apply_rotary,
                                                    qkv_fn = fused_qkv (q/k/v as one GEMM) and
                                                    qkv_rotary_fn = fused_qkv_rotary (that GEMM and the
@@ -63,7 +64,8 @@ class FusedRMSNorm(nn.Module):
     `autocast_output`: under autocast, write the output in the autocast dtype. For a norm whose output only feeds
     projections: each projection would otherwise cast the fp32 output itself and keep its own low-precision copy
     for backward (three copies for q/k/v, two for gate/up); the numbers are the same. The norm's own backward then
-    keeps that shared output instead of its fp32 input, so its gradients carry the output's rounding.
+    keeps that shared output instead of its fp32 input (bf16 outputs; fp16 ones keep the input), so its gradients carry
+    the output's rounding, and weight entries smaller than 2^-64 in magnitude count as 2^-64 (`rms_norm.WEIGHT_FLOOR`).
     """
 
     def __init__(self, weight: Optional[nn.Parameter] = None, eps: float = 1e-6, autocast_output: bool = False):
@@ -74,10 +76,6 @@ class FusedRMSNorm(nn.Module):
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.eps = float(eps)
         self.autocast_output = autocast_output
-        # Whether the weight has no zero entry, for a compiled forward, which cannot check it without breaking the
-        # graph: set by the patched model's pre-forward hook (NormWeightCheck), outside the graph. A compiled graph
-        # depends on the value (dynamo guards it), so a zero that appears is traced again, keeping s.
-        self.weight_divides: Optional[bool] = None
 
     @classmethod
     def from_module(cls, module: nn.Module, autocast_output: bool = False) -> "FusedRMSNorm":
@@ -91,29 +89,11 @@ class FusedRMSNorm(nn.Module):
         out_dtype = None
         if self.autocast_output and torch.is_autocast_enabled(device):
             out_dtype = torch.get_autocast_dtype(device)
-        weight_divides = self.weight_divides if torch.compiler.is_compiling() else None  # eager checks per call
-        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype, weight_divides)
+        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype)
 
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else "no weight"
         return f"{shape}, eps={self.eps}, autocast_output={self.autocast_output}"
-
-
-class NormWeightCheck:
-    """Pre-forward hook of a patched model: checks the weights of its norms that write the autocast dtype (one device
-    sync per optimizer step for all of them, cached until a weight changes) and gives each its answer
-    (`FusedRMSNorm.weight_divides`). It runs outside torch.compile's graph, so that a compiled forward needs no check;
-    `torch.compile(model)` breaks the graph once there, before any work (compile `model.forward` to leave it out)."""
-
-    def __init__(self, norms):
-        self.norms = norms
-
-    @torch.compiler.disable
-    def __call__(self, module: nn.Module, args) -> None:
-        from .rms_norm import _weight_divides
-
-        for norm in self.norms:
-            norm.weight_divides = _weight_divides(norm.weight)
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -130,10 +110,9 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return not any(local) and not any(global_)
 
 
-def _packed_qkv(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
-    """One GEMM over the concatenated q/k/v weights -> [B, T, q + k + v widths]; None where the projections are not
-    all plain linears (adapters, tensor-parallel hooks) or mix biased and unbiased ones."""
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+def _packed_projection(projections, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """One GEMM over the concatenated weights of projections of the same input -> [..., sum of their widths]; None
+    where they are not all plain linears (adapters, tensor-parallel hooks) or mix biased and unbiased ones."""
     biased = {p.bias is not None for p in projections if isinstance(p, nn.Linear)}
     if not all(_is_plain_linear(p) for p in projections) or len(biased) != 1:
         return None
@@ -149,7 +128,7 @@ def fused_qkv(attention: nn.Module, hidden_states: torch.Tensor):
     step whose small ones are bound by their launches. Same values as the three linears, to GEMM rounding. Projections
     that are not plain linears, or a mix of biased and unbiased ones, keep their own calls."""
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    out = _packed_qkv(attention, hidden_states)
+    out = _packed_projection(projections, hidden_states)
     if out is None:
         return tuple(p(hidden_states) for p in projections)
     return out.split([p.out_features for p in projections], dim=-1)
@@ -160,9 +139,10 @@ def fused_qkv_rotary(attention: nn.Module, hidden_states: torch.Tensor, cos: tor
     k and v [B, Hk, T, D]. The rotary's backward writes the GEMM output's gradient in one pass, where slices of it
     would leave autograd to concatenate the q, k and v gradients. Projections that `fused_qkv` keeps apart are
     concatenated first."""
-    packed = _packed_qkv(attention, hidden_states)
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    packed = _packed_projection(projections, hidden_states)
     if packed is None:
-        packed = torch.cat([p(hidden_states) for p in (attention.q_proj, attention.k_proj, attention.v_proj)], dim=-1)
+        packed = torch.cat([p(hidden_states) for p in projections], dim=-1)
     config = attention.config
     return _ops().apply_rotary_qkv(packed, cos, sin, config.num_attention_heads, config.num_key_value_heads)
 
@@ -189,23 +169,37 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = _ops()
-        gate = self.gate_proj(x) if self.mlp_type == "swiglu" else None
-        up = self.up_proj(x)
         down = self.down_proj
-        if _is_plain_linear(down):
+        fuse_down = _is_plain_linear(down)
+        # gate and up as one GEMM where the fused op takes its packed output as is: the op writes its gradient as one
+        # tensor too, so the backward runs one input-gradient GEMM and no sum of two (as for q/k/v)
+        gate_up = None
+        if fuse_down and self.mlp_type == "swiglu":
+            gate_up = _packed_projection((self.gate_proj, self.up_proj), x)
+        if gate_up is None:
+            gate = self.gate_proj(x) if self.mlp_type == "swiglu" else None
+            up = self.up_proj(x)
+        if fuse_down:
             # The activation and down projection as one op, which keeps gate/up (kept anyway for the activation's
             # backward) but not the activation itself (B*T*intermediate) that down_proj would keep for its weight
             # gradient. The weight is cast here, as an autocast linear would, so that autograd's cast turns the
             # low-precision weight gradient into the fp32 master one.
-            device = up.device.type
+            device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else down.weight.dtype
-            act_dtype = up.dtype if gate is None else torch.promote_types(gate.dtype, up.dtype)
+            if gate_up is not None:
+                act_dtype = gate_up.dtype
+            else:
+                act_dtype = up.dtype if gate is None else torch.promote_types(gate.dtype, up.dtype)
             if act_dtype == dtype:  # else down_proj(h) would cast h or fail: leave that to it
                 weight = down.weight.to(dtype)
                 bias = None if down.bias is None else down.bias.to(dtype)
+                if gate_up is not None:
+                    return ops.swiglu_linear_packed(gate_up, weight, bias)
                 if gate is None:
                     return ops.relu2_linear(up, weight, bias)
                 return ops.swiglu_linear(gate, up, weight, bias)
+            if gate_up is not None:
+                gate, up = gate_up.chunk(2, dim=-1)
         return down(ops.relu2(up) if gate is None else ops.swiglu(gate, up))
 
     def extra_repr(self) -> str:
@@ -258,13 +252,6 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         if "linear_cross_entropy" in counts and cls_name in LM_CLASS_NAMES:
             module.linear_cross_entropy = pkg.fused_linear_cross_entropy
             counts["linear_cross_entropy"] += 1
-
-    norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm) and m.autocast_output and m.weight is not None]
-    check = next((h for h in model._forward_pre_hooks.values() if isinstance(h, NormWeightCheck)), None)
-    if check is not None:
-        check.norms = norms
-    elif norms:
-        model.register_forward_pre_hook(NormWeightCheck(norms))
 
     previous = tuple(getattr(model, "fused_kernel_ops", ()) or ())
     model.fused_kernel_ops = tuple(o for o in VALID_OPS if o in previous or counts.get(o, 0) > 0)

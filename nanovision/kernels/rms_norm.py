@@ -12,15 +12,13 @@ the input dtype, multiply by the weight, round again) and accumulate in fp32.
 from typing import Optional, Tuple, Union
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 try:
     import triton
     import triton.language as tl
     from torch.library import triton_op
 
-    from ._compat import wrap_triton
+    from ._compat import unused_pointer, wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -49,7 +47,16 @@ def rms_norm_reference(
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
+# A norm that keeps its narrow output y = n * w for the backward rebuilds n as y / w, undefined where w == 0 (or
+# subnormal, which kernels may flush to zero). Asking whether a weight has such an entry needs a host-device sync
+# (1.9 ms a step at the d20 shape on the H200), so such norms use WEIGHT_FLOOR for entries smaller than it in magnitude:
+# the output there is n * 2^-64 instead of 0, below any rounding of the projection that reads it, and n is rebuilt to
+# y's precision. Only outputs with the input's exponent range take this path (bf16 from fp32): in fp16, n * 2^-64
+# underflows, so fp16 outputs keep s.
+WEIGHT_FLOOR = 2.0**-64
+
 if HAS_TRITON:
+    _WEIGHT_FLOOR = tl.constexpr(WEIGHT_FLOOR)
 
     @triton.jit
     def _rms_norm_fwd_kernel(
@@ -62,10 +69,12 @@ if HAS_TRITON:
         n_rows, n_cols, eps,
         HAS_RESIDUAL: tl.constexpr,
         HAS_WEIGHT: tl.constexpr,
+        FLOOR_WEIGHT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         # one program normalises BLOCK_M rows; BLOCK_N >= n_cols covers a whole row
+        # FLOOR_WEIGHT: weights below WEIGHT_FLOOR in magnitude count as WEIGHT_FLOOR (see there)
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -90,8 +99,10 @@ if HAS_TRITON:
 
         y = (sf * rstd[:, None]).to(S.dtype.element_ty)
         if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_mask, other=0.0)
-            y = y.to(tl.float32) * w.to(tl.float32)
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if FLOOR_WEIGHT:
+                w = tl.where(tl.abs(w) < _WEIGHT_FLOOR, _WEIGHT_FLOOR, w)
+            y = y.to(tl.float32) * w
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -112,7 +123,7 @@ if HAS_TRITON:
         # each program walks `rows_per_prog` consecutive rows (one row per step) and
         # writes one fp32 partial sum of the weight gradient; the host sums the partials.
         # S: the norm's input s, or with FROM_OUTPUT its output y = n * w (n = s * rstd), stored in a dtype
-        # narrower than s's, so n is y / w to y's precision (the forward checked w has no zero)
+        # narrower than s's, so n is y / w to y's precision (w floored as the forward floored it)
         pid = tl.program_id(0).to(tl.int64)
         row_start = pid * rows_per_prog
         row_end = tl.minimum(row_start + rows_per_prog, n_rows)
@@ -120,6 +131,8 @@ if HAS_TRITON:
         mask = cols < n_cols
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=mask, other=1.0).to(tl.float32)  # 1: y / w stays finite off the row
+            if FROM_OUTPUT:
+                w = tl.where(tl.abs(w) < _WEIGHT_FLOOR, _WEIGHT_FLOOR, w)
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
         for row in range(row_start, row_end):
@@ -179,11 +192,11 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2
 
 
-def _unused_pointer(t: torch.Tensor) -> torch.Tensor:
-    """A buffer for a pointer argument the kernel leaves alone (its flag is off). Not `t` itself: torch.compile copies
-    a tensor once for every argument of a Triton kernel that aliases it (16384 x 1280 fp32 three times per norm
-    without a residual, 2.1 ms a step at the d20 shape on the H200)."""
-    return t.new_empty(1)
+
+
+def _narrower_same_range(out_dtype: torch.dtype, s_dtype: torch.dtype) -> bool:
+    out, s = torch.finfo(out_dtype), torch.finfo(s_dtype)
+    return out.bits < s.bits and out.tiny == s.tiny
 
 
 def _fwd_config(n_cols: int):
@@ -209,42 +222,6 @@ def _bwd_config(n_cols: int):
     return block_n, min(16, block_n // 2048), 2
 
 
-# Rebuilding n from y = n * w needs every w != 0 (nor subnormal, which kernels may flush to zero): checking that
-# syncs with the device, so the answer is kept per weight tensor until its storage, version counter or the optimizer
-# step count changes. The step count: fused optimizers (AdamW(fused=True)) update weights without bumping versions.
-# A stale answer is renewed for every weight seen so far on that device at once: one sync per optimizer step, not
-# one per norm (each sync empties the launch queue, and a d20 step has 41 such norms).
-_OPTIMIZER_STEPS = [0]
-_NONZERO_WEIGHT = WeakIdKeyDictionary()  # weight -> (key it was checked at, whether every entry divides)
-register_optimizer_step_post_hook(lambda *_: _OPTIMIZER_STEPS.__setitem__(0, _OPTIMIZER_STEPS[0] + 1))
-
-
-def _check_key(weight: torch.Tensor):
-    return weight.data_ptr(), weight._version, _OPTIMIZER_STEPS[0]
-
-
-def _divides(weights) -> list:
-    """For each weight, whether no entry is zero or subnormal: one reduction over all of them, one sync."""
-    flat = torch.cat([w.detach().reshape(-1) for w in weights])
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + w.numel())
-    # running count of the entries that do not divide, read at each weight's bounds
-    count = torch.cat([flat.new_zeros(1, dtype=torch.long), (flat.abs() < torch.finfo(torch.float32).tiny).cumsum(0)])
-    return (count[bounds].diff() == 0).tolist()
-
-
-def _weight_divides(weight: torch.Tensor) -> bool:
-    cached = _NONZERO_WEIGHT.get(weight)
-    if cached is None or cached[0] != _check_key(weight):
-        stale = [w for w, (key, _) in list(_NONZERO_WEIGHT.items())
-                 if w is not weight and w.device == weight.device and key != _check_key(w)]
-        stale.append(weight)
-        for w, ok in zip(stale, _divides(stale)):
-            _NONZERO_WEIGHT[w] = (_check_key(w), ok)
-    return _NONZERO_WEIGHT[weight][1]
-
-
 if HAS_TRITON:
     # The kernels run as torch.library ops: torch.compile traces through them (no graph break), fuses the elementwise
     # ops around them and launches them from its generated code; an eager call runs the same function.
@@ -258,7 +235,7 @@ if HAS_TRITON:
         keep_output: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y, s, rstd) with s = x + residual (empty without a residual: an op's output may not alias its input).
-        keep_output: the backward keeps y instead of s (read by the autograd context only)."""
+        keep_output: the backward keeps y instead of s (read by the autograd context), so the weight is floored."""
         n_cols = x.shape[-1]
         x2 = _as_rows(x, n_cols)
         n_rows = x2.shape[0]
@@ -268,7 +245,7 @@ if HAS_TRITON:
             s2 = torch.empty((n_rows, n_cols), dtype=s_dtype, device=x.device)
         else:
             s_dtype = x.dtype
-            r2 = s2 = _unused_pointer(x2).view(1, 1)
+            r2 = s2 = unused_pointer(x2).view(1, 1)
         y_dtype = s_dtype if weight is None else torch.promote_types(s_dtype, weight.dtype)
         y2 = torch.empty((n_rows, n_cols), dtype=out_dtype or y_dtype, device=x.device)
         rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
@@ -278,12 +255,13 @@ if HAS_TRITON:
                 x2, x2.stride(0),
                 r2, r2.stride(0),
                 s2, s2.stride(0),
-                weight.contiguous() if weight is not None else _unused_pointer(x2),
+                weight.contiguous() if weight is not None else unused_pointer(x2),
                 y2, y2.stride(0),
                 rstd,
                 n_rows, n_cols, eps,
                 HAS_RESIDUAL=residual is not None,
                 HAS_WEIGHT=weight is not None,
+                FLOOR_WEIGHT=keep_output,
                 BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=num_warps,
             )
@@ -371,18 +349,13 @@ def rms_norm(
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
-    weight_divides: Optional[bool] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Triton RMSNorm over the last dim. With `residual`, returns (norm(x + residual), x + residual). `out_dtype`:
     write the normalised output in this dtype (computed in fp32, rounded once) instead of the inputs' dtype.
 
-    An output narrower than s is kept for the backward instead of s when the weight has no zero entry.
-    `weight_divides`: that answer, checked by the caller outside a compiled graph (`_weight_divides`); None checks
-    here, except under torch.compile, where a check would break the graph and s is kept."""
+    An output narrower than s but with its exponent range (bf16 from fp32) is kept for the backward instead of s, and
+    the weight floored at WEIGHT_FLOOR for it."""
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    if weight_divides is None and weight is not None:
-        weight_divides = not torch.compiler.is_compiling() and _weight_divides(weight)
-    keep_output = (out_dtype is not None and torch.finfo(out_dtype).bits < torch.finfo(s_dtype).bits
-                   and (weight is None or weight_divides))
+    keep_output = out_dtype is not None and _narrower_same_range(out_dtype, s_dtype)
     y, s, _ = _rms_norm_op(x, weight, residual, float(eps), out_dtype, keep_output)
     return y if residual is None else (y, s)

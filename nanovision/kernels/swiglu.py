@@ -20,7 +20,7 @@ try:
     import triton.language as tl
     from torch.library import triton_op
 
-    from ._compat import wrap_triton
+    from ._compat import unused_pointer, wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -46,35 +46,69 @@ def relu2_linear_reference(x, weight, bias=None):
     return F.linear(relu2_reference(x), weight, bias)
 
 
+def swiglu_linear_packed_reference(gate_up, weight, bias=None):
+    return swiglu_linear_reference(*gate_up.chunk(2, dim=-1), weight, bias)
+
+
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
 if HAS_TRITON:
 
     @triton.jit
-    def _swiglu_fwd_kernel(G, U, Y, n_elements, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _gate_up_offsets(pid, BLOCK: tl.constexpr, width):
+        """Offsets of a block of gate and up elements in a packed [rows, 2 * width] input (each row: the gate's width
+        values, then up's). The row division runs in int32 on offsets local to the block."""
+        start = pid.to(tl.int64) * BLOCK
+        row0 = start // width
+        local = (start - row0 * width).to(tl.int32) + tl.arange(0, BLOCK)
+        row = row0 + local // width
+        gate = row * 2 * width + local % width
+        return gate, gate + width
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, Y, n_elements, width, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+        # PACKED: G holds gate and up as a [rows, 2 * width] tensor; U is unused
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        if PACKED:
+            g_offs, u_offs = _gate_up_offsets(pid, BLOCK, width)
+            g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(G + u_offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
         tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
 
     # The backward kernels can also store the forward output again into Y (STORE_Y), rounded exactly as the forward
-    # kernel rounds it: the fused down projection needs it for its weight gradient and does not keep it.
+    # kernel rounds it: the fused down projection needs it for its weight gradient and does not keep it. PACKED: G and
+    # DG hold gate and up, and their gradients, as [rows, 2 * width] tensors; U and DU are unused.
     @triton.jit
-    def _swiglu_bwd_kernel(DY, G, U, DG, DU, Y, n_elements, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _swiglu_bwd_kernel(DY, G, U, DG, DU, Y, n_elements, width, BLOCK: tl.constexpr, STORE_Y: tl.constexpr,
+                           PACKED: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        if PACKED:
+            g_offs, u_offs = _gate_up_offsets(pid, BLOCK, width)
+            g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(G + u_offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         silu = g * sig
         du = dy * silu
         dg = dy * u * sig * (1.0 + g * (1.0 - sig))
-        tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
-        tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
+        if PACKED:
+            tl.store(DG + g_offs, dg.to(DG.dtype.element_ty), mask=mask)
+            tl.store(DG + u_offs, du.to(DG.dtype.element_ty), mask=mask)
+        else:
+            tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
+            tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
         if STORE_Y:
             act = silu.to(Y.dtype.element_ty).to(tl.float32)
             tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
@@ -114,38 +148,46 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _act_forward(g, u, dtype):
-    """swiglu(g, u), or relu2(u) when g is None, for dense same-shape inputs."""
-    y = torch.empty(u.shape, dtype=dtype, device=u.device)
+    """For dense inputs: swiglu(g, u) (same shapes); relu2(u) when g is None; swiglu on a packed [..., 2 * I] g
+    (gate then up in each row) when u is None."""
+    packed = u is None
+    shape = (*g.shape[:-1], g.shape[-1] // 2) if packed else u.shape
+    y = torch.empty(shape, dtype=dtype, device=(g if packed else u).device)
     n = y.numel()
     if n == 0:
         return y
     if g is None:
         wrap_triton(_relu2_fwd_kernel)[_grid(n)](u, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
     else:
-        wrap_triton(_swiglu_fwd_kernel)[_grid(n)](g, u, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        wrap_triton(_swiglu_fwd_kernel)[_grid(n)](g, unused_pointer(g) if packed else u, y, n, shape[-1],
+                                                  BLOCK=BLOCK_SIZE, PACKED=packed, num_warps=NUM_WARPS)
     return y
 
 
 def _act_backward(dy, g, u, y=None, reuse_dy=False):
-    """(dg or None, du) for dense dy / g / u; when `y` is given, the forward output is stored into it too.
+    """(dg or None, du or None) for dense dy / g / u as in `_act_forward` (packed: dg is the packed gradient and du
+    None); when `y` is given, the forward output is stored into it too.
 
     reuse_dy: dy is the caller's own temporary, so the first gradient (dg, or relu2's du) may overwrite it where the
     dtypes match: one buffer fewer at the backward's peak. Safe because each program reads its block of dy before
-    writing the same block."""
+    writing the same block. (A packed gradient is twice dy's size: the caller may pass dy as `y` instead.)"""
+    packed = u is None
     first = u if g is None else g
-    reuse = reuse_dy and dy.dtype == first.dtype
-    du = dy if reuse and g is None else torch.empty_like(u)
+    reuse = reuse_dy and not packed and dy.dtype == first.dtype
+    du = None if packed else (dy if reuse and g is None else torch.empty_like(u))
     dg = None if g is None else (dy if reuse else torch.empty_like(g))
     store = y is not None
-    n = u.numel()
+    n = dy.numel()
     if n == 0:
         return dg, du
     if g is None:
-        wrap_triton(_relu2_bwd_kernel)[_grid(n)](dy, u, du, y if store else du, n, BLOCK=BLOCK_SIZE,
+        wrap_triton(_relu2_bwd_kernel)[_grid(n)](dy, u, du, y if store else unused_pointer(du), n, BLOCK=BLOCK_SIZE,
                                                  STORE_Y=store, num_warps=NUM_WARPS)
     else:
-        wrap_triton(_swiglu_bwd_kernel)[_grid(n)](dy, g, u, dg, du, y if store else du, n, BLOCK=BLOCK_SIZE,
-                                                  STORE_Y=store, num_warps=NUM_WARPS)
+        unused = unused_pointer(dg)
+        wrap_triton(_swiglu_bwd_kernel)[_grid(n)](dy, g, unused if packed else u, dg, unused if packed else du,
+                                                  y if store else unused, n, dy.shape[-1], BLOCK=BLOCK_SIZE,
+                                                  STORE_Y=store, PACKED=packed, num_warps=NUM_WARPS)
     return dg, du
 
 
@@ -172,36 +214,44 @@ if HAS_TRITON:
         return (dy.new_empty(0) if dg is None else dg), du
 
     @triton_op("nanovision::act_linear", mutates_args=())
-    def _act_linear_op(gate: Optional[torch.Tensor], up: torch.Tensor, weight: torch.Tensor,
+    def _act_linear_op(gate: Optional[torch.Tensor], up: Optional[torch.Tensor], weight: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """F.linear(act, weight, bias), act as in `act` (same shapes)."""
-        if gate is not None and gate.shape != up.shape:
+        """F.linear(act, weight, bias): act = silu(gate) * up (same shapes), relu(up) ** 2 without a gate, or, without
+        up, silu(gate[..., :I]) * gate[..., I:] for a gate of width 2 * I (gate and up as one projection's output)."""
+        if gate is not None and up is not None and gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-        dtype = up.dtype if gate is None else torch.promote_types(gate.dtype, up.dtype)
+        if up is None and gate.shape[-1] % 2:
+            raise ValueError(f"a packed gate/up input needs an even last dim (gate, then up), got {tuple(gate.shape)}")
+        dtype = up.dtype if gate is None else gate.dtype if up is None else torch.promote_types(gate.dtype, up.dtype)
         if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
             raise TypeError(f"weight/bias must be in the activation dtype {dtype} (cast them first under autocast)")
-        g = None if gate is None else _dense(gate)
+        g, u = (None if t is None else _dense(t) for t in (gate, up))
         # The dtypes given are the compute dtypes: an enclosing autocast must not recast them (here, or in a backward
         # that runs on the autocast thread, as CPU backward does), or the gradients would not match the forward.
-        with torch.autocast(up.device.type, enabled=False):
-            return F.linear(_act_forward(g, _dense(up), dtype), weight, bias)
+        with torch.autocast(weight.device.type, enabled=False):
+            return F.linear(_act_forward(g, u, dtype), weight, bias)
 
     @triton_op("nanovision::act_linear_backward", mutates_args=())
-    def _act_linear_backward_op(
-        grad_out: torch.Tensor, gate: Optional[torch.Tensor], up: torch.Tensor, weight: torch.Tensor, weight_grad: bool
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dgate, dup, dweight); dgate empty without a gate, dweight empty unless weight_grad. act is rebuilt only
-        for the weight gradient; dgate/dup come from the same pass either way."""
-        g = None if gate is None else _dense(gate)
-        u = _dense(up)
-        act = torch.empty(u.shape, dtype=weight.dtype, device=u.device) if weight_grad else None
-        with torch.autocast(u.device.type, enabled=False):
-            # dh = grad_out @ W is a fresh temporary: the kernel writes dgate over it, so that this backward's peak
-            # (gate, up, dh, act, dup) is no higher than the unfused one's (gate, up, dh, dgate, dup)
-            dg, du = _act_backward(_dense(grad_out.matmul(weight)), g, u, act, reuse_dy=True)
+    def _act_linear_backward_op(grad_out: torch.Tensor, gate: Optional[torch.Tensor], up: Optional[torch.Tensor],
+                                weight: torch.Tensor, weight_grad: bool
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dgate, dup, dweight); dgate empty without a gate, dup empty without up, dweight empty unless
+        weight_grad. act is rebuilt only for the weight gradient; dgate/dup come from the same pass either way."""
+        g, u = (None if t is None else _dense(t) for t in (gate, up))
+        packed = u is None
+        with torch.autocast(weight.device.type, enabled=False):
+            # dh = grad_out @ W is a fresh temporary that the kernel overwrites, so that this backward's peak is no
+            # higher than the unfused one's (gate, up, dh, dgate, dup): dgate goes over it, or, packed (whose gradient
+            # is one new buffer of twice its size), the rebuilt activation
+            dh = _dense(grad_out.matmul(weight))
+            act = None
+            if weight_grad:
+                act = dh if packed else torch.empty(u.shape, dtype=weight.dtype, device=u.device)
+            dg, du = _act_backward(dh, g, u, act, reuse_dy=not packed)
             dw = (grad_out.reshape(-1, grad_out.shape[-1]).t().mm(act.reshape(-1, act.shape[-1])) if weight_grad
                   else weight.new_empty(0))
-        return (u.new_empty(0) if dg is None else dg), du, dw
+        empty = weight.new_empty(0)
+        return (empty if dg is None else dg), (empty if du is None else du), dw
 
 
 def _act_setup_context(ctx, inputs, output):
@@ -228,9 +278,9 @@ def _act_linear_backward_fn(ctx, grad_out):
     dg, du, dw = _act_linear_backward_op(grad_out, gate, up, weight, ctx.needs_input_grad[2])
     db = None
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        with torch.autocast(up.device.type, enabled=False):
+        with torch.autocast(weight.device.type, enabled=False):
             db = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-    return (None if gate is None else dg), du, (dw if ctx.needs_input_grad[2] else None), db
+    return (None if gate is None else dg), (None if up is None else du), (dw if ctx.needs_input_grad[2] else None), db
 
 
 if HAS_TRITON:
@@ -259,3 +309,10 @@ def swiglu_linear(gate, up, weight, bias=None):
 def relu2_linear(x, weight, bias=None):
     """F.linear(relu(x) ** 2, weight, bias) (Triton activation) without saving the activation for backward."""
     return _act_linear_op(None, x, weight, bias)
+
+
+def swiglu_linear_packed(gate_up, weight, bias=None):
+    """swiglu_linear(gate, up, weight, bias) for gate and up packed as one [..., 2 * I] tensor (the output of one GEMM
+    over the concatenated gate/up weights: gate first); its gradient is one tensor of that shape too, so the GEMM's
+    backward needs no concatenation and no sum of two input gradients."""
+    return _act_linear_op(gate_up, None, weight, bias)
