@@ -62,6 +62,15 @@ def mlp_keeps_activation(model):
     return model
 
 
+def gate_up_apart(model):
+    """The fused model as it was before gate and up ran as one GEMM (ablation): a no-op hook on each gate projection
+    sends FusedMLP to the two projections, whose outputs the activation + down projection op takes separately."""
+    for module in model.modules():
+        if type(module).__name__ == "FusedMLP":
+            module.gate_proj.register_forward_hook(lambda *args: None)
+    return model
+
+
 def rotary_after_split(model):
     """The fused model as it was before the rotary took the packed q/k/v GEMM output (ablation): the rotary on q/k
     slices of it, and autograd concatenating the q, k and v gradients."""
@@ -103,6 +112,8 @@ VARIANTS = {
                                                        dict(mode="max-autotune-no-cudagraphs")),
     "+ fused kernels + cuDNN + compile reduce-overhead": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                                           SDPBackend.CUDNN_ATTENTION, dict(mode="reduce-overhead")),
+    "+ fused kernels + cuDNN + compile, gate/up as two GEMMs": (
+        lambda s: gate_up_apart(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, True),
     "+ fused kernels + cuDNN + compile, rotary after the q/k/v split": (
         lambda s: rotary_after_split(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, True),
     "+ cuDNN + compile (no fused kernels)": (lambda s: nanovision_model(s, "sdpa", "llama", False),
@@ -161,7 +172,23 @@ def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
     return [[lengths[i] for i in rows[r]] for r in picked]
 
 
-def time_steps(model, batch, attention_backend, steps, warmup):
+def kernel_profile(step, steps, top=30):
+    """GPU kernel time a step under torch.profiler: the total and the `top` kernels by time (ms and launches a step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    return dict(kernel_ms=sum(e.device_time_total for e in kernels) / 1e3 / steps,
+                launches=sum(e.count for e in kernels) / steps,
+                top=[dict(kernel=e.key[:120], ms=e.device_time_total / 1e3 / steps, launches=e.count / steps)
+                     for e in kernels[:top]])
+
+
+def time_steps(model, batch, attention_backend, steps, warmup, profile_steps=0):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
@@ -183,19 +210,22 @@ def time_steps(model, batch, attention_backend, steps, warmup):
         loss = step()
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
-    return elapsed, torch.cuda.max_memory_allocated() / 2**30, float(loss)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    return elapsed, peak_gib, float(loss), (kernel_profile(step, profile_steps) if profile_steps else None)
 
 
-def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup):
+def bench_variant(name, s, device, peak, batch, useful_tokens, steps, warmup, profile_steps=0):
     build, backend, compiled = VARIANTS[name]
     torch.manual_seed(0)
     model = build(s).to(device).train()
     fpt = flops_per_token(model, s["seq"])
     runner = torch.compile(model, **(compiled if isinstance(compiled, dict) else {})) if compiled else model
-    seconds, peak_gib, loss = time_steps(runner, batch, backend, steps, warmup)
+    seconds, peak_gib, loss, kernels = time_steps(runner, batch, backend, steps, warmup, profile_steps)
     tokens_per_s = useful_tokens / seconds
     row = dict(variant=name, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s, tflops=tokens_per_s * fpt / 1e12,
                mfu=tokens_per_s * fpt / 1e12 / peak, peak_gib=peak_gib, loss=loss)
+    if kernels:
+        row["profile"] = kernels
     del model, runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -283,6 +313,8 @@ def main():
     parser.add_argument("--packed", nargs="*", default=["flex_attention", "sdpa", "nanovision_varlen"],
                         help="attention implementations for the packed-training rows")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for a quick check")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, profile this many more and record each variant's kernel times")
     args = parser.parse_args()
     s = SMOKE if args.smoke else SHAPE
     device = torch.device("cuda")
@@ -292,9 +324,13 @@ def main():
     full, full_tokens = make_batch(s, device)
     rows = []
     for name in args.variants:
-        rows.append(bench_variant(name, s, device, peak, full, full_tokens, args.steps, args.warmup))
+        rows.append(bench_variant(name, s, device, peak, full, full_tokens, args.steps, args.warmup, args.profile))
         print(f"{name:42s} {rows[-1]['step_ms']:8.1f} ms {rows[-1]['tokens_per_s']:10.0f} tok/s "
               f"{rows[-1]['tflops']:6.0f} TFLOP/s MFU {rows[-1]['mfu']:.3f} peak {rows[-1]['peak_gib']:.1f} GiB")
+        if "profile" in rows[-1]:
+            p = rows[-1]["profile"]
+            print(f"  kernels {p['kernel_ms']:.1f} ms a step, {p['launches']:.0f} launches; "
+                  + "; ".join(f"{k['kernel'][:40]} {k['ms']:.2f}" for k in p["top"][:12]))
     packed_rows = lognormal_rows(s)
     packed, useful = make_batch(s, device, packed_rows)
     packed_result = []
