@@ -56,15 +56,24 @@ def swiglu_linear_packed_reference(gate_up, weight, bias=None):
 if HAS_TRITON:
 
     @triton.jit
-    def _gate_up_offsets(pid, BLOCK: tl.constexpr, width):
-        """Offsets of a block of gate and up elements in a packed [rows, 2 * width] input (each row: the gate's width
-        values, then up's). The row division runs in int32 on offsets local to the block."""
-        start = pid.to(tl.int64) * BLOCK
-        row0 = start // width
-        local = (start - row0 * width).to(tl.int32) + tl.arange(0, BLOCK)
-        row = row0 + local // width
-        gate = row * 2 * width + local % width
-        return gate, gate + width
+    def _load_gate_up(G, U, pid, offs, mask, width, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+        """(g, u) in fp32 and their offsets: G and U dense at `offs`, or, PACKED, both from G as a [rows, 2 * width]
+        tensor (each row: the gate's width values, then up's; the row division runs in int32 on offsets local to the
+        block)."""
+        if PACKED:
+            start = pid.to(tl.int64) * BLOCK
+            row0 = start // width
+            local = (start - row0 * width).to(tl.int32) + tl.arange(0, BLOCK)
+            g_offs = (row0 + local // width) * 2 * width + local % width
+            u_offs = g_offs + width
+            up = G
+        else:
+            g_offs = offs
+            u_offs = offs
+            up = U
+        g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up + u_offs, mask=mask, other=0.0).to(tl.float32)
+        return g, u, g_offs, u_offs
 
     @triton.jit
     def _swiglu_fwd_kernel(G, U, Y, n_elements, width, BLOCK: tl.constexpr, PACKED: tl.constexpr):
@@ -72,13 +81,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
-        if PACKED:
-            g_offs, u_offs = _gate_up_offsets(pid, BLOCK, width)
-            g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(G + u_offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        g, u, _, _ = _load_gate_up(G, U, pid, offs, mask, width, BLOCK, PACKED)
         act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
         tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
 
@@ -92,23 +95,16 @@ if HAS_TRITON:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        if PACKED:
-            g_offs, u_offs = _gate_up_offsets(pid, BLOCK, width)
-            g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(G + u_offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        g, u, g_offs, u_offs = _load_gate_up(G, U, pid, offs, mask, width, BLOCK, PACKED)
         sig = tl.sigmoid(g)
         silu = g * sig
         du = dy * silu
         dg = dy * u * sig * (1.0 + g * (1.0 - sig))
+        tl.store(DG + g_offs, dg.to(DG.dtype.element_ty), mask=mask)
         if PACKED:
-            tl.store(DG + g_offs, dg.to(DG.dtype.element_ty), mask=mask)
             tl.store(DG + u_offs, du.to(DG.dtype.element_ty), mask=mask)
         else:
-            tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
-            tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
+            tl.store(DU + u_offs, du.to(DU.dtype.element_ty), mask=mask)
         if STORE_Y:
             act = silu.to(Y.dtype.element_ty).to(tl.float32)
             tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
