@@ -296,13 +296,10 @@ def test_rms_norm_residual_only_sum_used(poison):
     torch.testing.assert_close(gr, torch.full_like(gr, 3.0))
 
 
-@pytest.mark.parametrize("with_weight", [True, False])
-def test_rms_norm_forward_passes_the_input_once(monkeypatch, with_weight):
-    """Only the X argument of the forward kernel points at x: torch.compile copies a tensor once for every Triton
-    argument that aliases it, so the unused residual / sum / weight pointers must be buffers of their own."""
-    rms_mod = K._rms_mod
+def record_launches(monkeypatch, module):
+    """The positional arguments of every Triton launch that `module` makes through wrap_triton, in order."""
     launches = []
-    wrap_triton = rms_mod.wrap_triton
+    wrap_triton = module.wrap_triton
 
     def recording_wrap(kernel):
         launcher = wrap_triton(kernel)
@@ -315,12 +312,36 @@ def test_rms_norm_forward_passes_the_input_once(monkeypatch, with_weight):
                 return launch
         return Recorder()
 
-    monkeypatch.setattr(rms_mod, "wrap_triton", recording_wrap)
+    monkeypatch.setattr(module, "wrap_triton", recording_wrap)
+    return launches
+
+
+def tensor_pointers(args):
+    return [a.data_ptr() for a in args if isinstance(a, torch.Tensor)]
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_forward_passes_the_input_once(monkeypatch, with_weight):
+    """Only the X argument of the forward kernel points at x: torch.compile copies a tensor once for every Triton
+    argument that aliases it, so the unused residual / sum / weight pointers must be buffers of their own."""
+    launches = record_launches(monkeypatch, K._rms_mod)
     x = rand(6, 64)
     tri_rms_norm(x, rand(64) if with_weight else None, 1e-6)
     (args,) = launches
     same_memory = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.data_ptr() == x.data_ptr()]
     assert same_memory == [0]
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_backward_passes_each_tensor_once(monkeypatch, with_weight):
+    """Likewise in the backward: without a weight or a gradient of the sum, those pointers get buffers of their own."""
+    launches = record_launches(monkeypatch, K._rms_mod)
+    x = leaf(rand(6, 64))
+    y = tri_rms_norm(x, leaf(rand(64)) if with_weight else None, 1e-6)
+    y.backward(rand(6, 64))
+    forward, backward = launches
+    pointers = tensor_pointers(backward)
+    assert len(set(pointers)) == len(pointers)
 
 
 # --------------------------------------------------------------------------- #
@@ -464,6 +485,18 @@ def test_swiglu_linear_packed(poison, shape, dtype, with_bias):
     assert torch.equal(out, out2)
     dg, du, dw = torch.autograd.grad((out2 * go).sum(), (g2, u2, w2))
     assert torch.equal(grads[0], torch.cat([dg, du], dim=-1)) and torch.equal(grads[1], dw)
+
+
+def test_swiglu_linear_packed_passes_the_packed_tensors_once(monkeypatch):
+    """The kernels read gate and up from the packed tensor through one pointer (and write the packed gradient through
+    one): torch.compile would copy a tensor passed as several aliasing arguments."""
+    launches = record_launches(monkeypatch, K._swiglu_mod)
+    gate_up = leaf(rand(5, 128, scale=2.0))
+    dgate_up, = torch.autograd.grad(tri_swiglu_linear_packed(gate_up, leaf(rand(24, 64, scale=0.1))).sum(), gate_up)
+    forward, backward = launches
+    assert tensor_pointers(forward).count(gate_up.data_ptr()) == 1
+    assert tensor_pointers(backward).count(gate_up.data_ptr()) == 1
+    assert tensor_pointers(backward).count(dgate_up.data_ptr()) == 1
 
 
 def test_swiglu_linear_packed_frozen_weight_and_width_check(poison):

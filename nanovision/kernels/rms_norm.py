@@ -285,19 +285,20 @@ if HAS_TRITON:
         n_rows = s2.shape[0]
         device = s2.device
         dy2 = _as_rows(dy, n_cols)
-        dso2 = _as_rows(ds_out, n_cols) if ds_out is not None else dy2
+        dso2 = _as_rows(ds_out, n_cols) if ds_out is not None else unused_pointer(dy2).view(1, 1)
         ds = torch.empty((n_rows, n_cols), dtype=s_dtype, device=device)
         dw = dy.new_empty(0) if weight is None else torch.zeros_like(weight)
         if n_rows > 0:
             block_n, num_warps, progs_per_sm = _bwd_config(n_cols)
             rows_per_prog = triton.cdiv(n_rows, min(n_rows, _sm_count(device) * progs_per_sm))
             n_prog = triton.cdiv(n_rows, rows_per_prog)
-            dw_part = torch.empty((n_prog, n_cols), dtype=torch.float32, device=device) if weight is not None else rstd
+            dw_part = (torch.empty((n_prog, n_cols), dtype=torch.float32, device=device) if weight is not None
+                       else unused_pointer(rstd))
             wrap_triton(_rms_norm_bwd_kernel)[(n_prog,)](
                 dy2, dy2.stride(0),
                 s2, s2.stride(0),
                 dso2, dso2.stride(0),
-                weight.contiguous() if weight is not None else s2,
+                weight.contiguous() if weight is not None else unused_pointer(s2),
                 rstd,
                 ds, ds.stride(0),
                 dw_part,
