@@ -17,7 +17,7 @@ from nanovision.processing_nanovision import NanoVisionImageProcessor
 from nanovision.training import trainer as trainer_module
 from nanovision.training.data import load_stage_dataset, tokenize_for_stage
 from nanovision.training.stages import StageArguments, build_model, build_processor, run_stage
-from nanovision.training.trainer import NonFiniteLossError
+from nanovision.training.trainer import MuonWithAdamW, NanoVisionTrainer, NonFiniteLossError
 
 TINY = dict(builtin_train_size=120, pack_max_length=256, device_batch_size=2, depth=2, head_dim=32, vocab_size=400,
             image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, logging_steps=1,
@@ -106,8 +106,9 @@ def losses(folder):
     return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
 
 
-def test_resume_after_a_crash_continues_the_same_run(tmp_path):
-    settings = dict(max_steps=6, save_steps=3, builtin_train_size=200)
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "muon"])
+def test_resume_after_a_crash_continues_the_same_run(tmp_path, optim):
+    settings = dict(max_steps=6, save_steps=3, builtin_train_size=200, optim=optim)
     run_stage(stage(tmp_path / "straight", "base", **settings))
     with pytest.raises(KeyboardInterrupt):
         run_stage(stage(tmp_path / "crashed", "base", **settings), callbacks=[CrashAt(4)])
@@ -119,6 +120,53 @@ def test_resume_after_a_crash_continues_the_same_run(tmp_path):
     assert sorted(straight) == list(range(1, 7))
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+
+
+class KeepOptimizer(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        self.model, self.optimizer, self.last_lr = model, optimizer.optimizer, lr_scheduler.get_last_lr()
+
+
+def test_muon_takes_the_decoder_matrices_and_the_schedule_reaches_both_optimizers(pipeline, tmp_path):
+    keep = KeepOptimizer()
+    run_stage(stage(tmp_path, "sft", model=str(pipeline[1]), optim="muon", muon_lr=0.02, learning_rate=1e-3,
+                    max_steps=3, train_modules="connector,language_model", lr_scheduler_type="linear"),
+              callbacks=[keep])
+    optimizer = keep.optimizer
+    assert isinstance(optimizer, MuonWithAdamW)
+    names = {id(p): name for name, p in keep.model.named_parameters()}
+    muon = sorted(names[id(p)] for group in optimizer.muon.param_groups for p in group["params"])
+    adamw = sorted(names[id(p)] for group in optimizer.adamw.param_groups for p in group["params"])
+    assert muon == sorted(name for name, p in keep.model.named_parameters()
+                          if name.startswith("model.language_model.layers.") and p.ndim == 2)
+    assert len(muon) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    trained = sorted(name for name, p in keep.model.named_parameters() if p.requires_grad)
+    assert sorted(muon + adamw) == trained and not any("vision_tower" in name for name in trained)
+    assert "model.language_model.embed_tokens.weight" in adamw
+    # the linear schedule ends at 0 on every group of both inner optimizers (Accelerate reloads the optimizer's
+    # state when it prepares it, which makes new group dicts: the wrapper must follow them)
+    groups = optimizer.muon.param_groups + optimizer.adamw.param_groups
+    assert [group["initial_lr"] for group in optimizer.muon.param_groups] == [0.02]
+    assert all(group["lr"] == 0.0 for group in groups) and keep.last_lr == [0.0] * len(groups)
+    assert all(a is b for a, b in zip(optimizer.param_groups, groups, strict=True))
+
+
+def test_muon_errors_name_the_fix(tmp_path):
+    from conftest import tiny_text_config
+    from transformers import TrainingArguments
+
+    from nanovision.modeling_nanovision import NanoVisionForCausalLM
+
+    model = NanoVisionForCausalLM(tiny_text_config())
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], optim="adamw_torch")
+    trainer = NanoVisionTrainer(model=model, args=args, muon_lr=0.02)
+    optimizer = trainer.create_optimizer()
+    adamw_state = torch.optim.AdamW(model.parameters()).state_dict()
+    with pytest.raises(ValueError, match=r"no \['adamw', 'muon'\] part.*--optim the checkpoint was trained with"):
+        optimizer.load_state_dict(adamw_state)
+    trainer.optimizer, trainer.is_fsdp_enabled = None, True
+    with pytest.raises(ValueError, match="--optim muon orthogonalises whole weight matrices, which FSDP shards"):
+        trainer.create_optimizer()
 
 
 class PoisonWeightsAfterSave(TrainerCallback):

@@ -92,7 +92,12 @@ class StageArguments:
     warmup: float = field(default=0.05, metadata={"help": "warmup steps, or a fraction of the run if < 1"})
     weight_decay: float = 0.0
     lr_scheduler_type: str = "cosine"
-    optim: str = "adamw_torch_fused"
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": "an HF Trainer optimizer name, or 'muon': torch's Muon for the language model's hidden matrices (its "
+                "decoder layers' 2D weights, at --muon_lr) and fused AdamW for the rest (embeddings, LM head, norms, "
+                "connector, vision tower), as nanochat trains"})
+    muon_lr: float = field(default=0.02, metadata={"help": "--optim muon: the hidden matrices' learning rate "
+                                                           "(nanochat's default)"})
     attn_implementation: str = "sdpa"
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on a GPU that has bf16; on a "
                                                               "CPU with AVX512-BF16 or AMX it is worth turning on)"})
@@ -237,7 +242,8 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
         output_dir=args.output_dir, per_device_train_batch_size=args.device_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs, optim=args.optim, bf16=args.bf16,
+        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
+        optim="adamw_torch_fused" if args.optim == "muon" else args.optim, bf16=args.bf16,
         torch_compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         include_num_input_tokens_seen="all", remove_unused_columns=False, dataloader_num_workers=0,
@@ -248,6 +254,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     trainer = NanoVisionTrainer(
         model=model, args=training_args, train_dataset=packed, data_collator=collator,
         processing_class=processor or tokenizer, part_learning_rates=part_lrs,
+        muon_lr=args.muon_lr if args.optim == "muon" else None,
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None, seq_len=args.pack_max_length,
         callbacks=callbacks,
     )
@@ -261,7 +268,10 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
                     "train_loss": round(result.training_loss, 4), "packing": stats.summary(),
                     **{key: value for key, value in asdict(args).items() if key in (
                         "device_batch_size", "gradient_accumulation_steps", "pack_max_length", "learning_rate",
-                        "lm_lr", "connector_lr", "vision_lr", "attn_implementation", "bf16", "use_fused_kernels")}}
+                        "lm_lr", "connector_lr", "vision_lr", "optim", "attn_implementation", "bf16",
+                        "use_fused_kernels")}}
+        if args.optim == "muon":
+            settings["muon_lr"] = args.muon_lr
         (final / "training_settings.json").write_text(json.dumps(settings, indent=2))
         write_model_card(final, base_model=args.model, datasets=[args.dataset], stage=args.stage, settings=settings)
         if args.push_to_hub:

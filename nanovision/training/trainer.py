@@ -44,15 +44,49 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch's Muon for the hidden matrices plus an AdamW for everything else, as one optimizer: the Trainer drives
+    exactly one (learning-rate schedule, zero_grad, checkpoints). The param groups are the two optimizers' own dicts,
+    so the schedule's learning rates reach both."""
+
+    def __init__(self, muon_groups: list[dict], adamw: torch.optim.Optimizer):
+        self.muon = torch.optim.Muon(muon_groups)
+        self.adamw = adamw
+        super().__init__(self.muon.param_groups + adamw.param_groups, defaults={})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        missing = {"muon", "adamw"} - set(state_dict)
+        if missing:
+            raise ValueError(f"This optimizer state has no {sorted(missing)} part: it was saved by another --optim; "
+                             "resume with the --optim the checkpoint was trained with.")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups  # loading made new group dicts
+
+
 class NanoVisionTrainer(Trainer):
     """`Trainer` with a learning rate per model part (vision tower / connector / language model), a guard that
     stops on a NaN/inf loss before the optimizer step (so no checkpoint with broken weights is ever written),
     tokens/s + MFU in the logs, and FSDP saves that load with plain `from_pretrained`."""
 
     def __init__(self, *args, part_learning_rates: dict[str, float] | None = None, peak_flops: float | None = None,
-                 seq_len: int = 2048, **kwargs):
+                 seq_len: int = 2048, muon_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.part_learning_rates = part_learning_rates or {}
+        self.muon_lr = muon_lr
         self.peak_flops = peak_flops or default_peak_flops()
         self.flops_per_token = flops_per_token(self.model, seq_len)
         self._throughput_mark = None
@@ -62,22 +96,37 @@ class NanoVisionTrainer(Trainer):
             return self.optimizer
         model = model or self.model
         parts = getattr(model, "trainable_parts", {"language_model": [model]})
-        groups = []
+        hidden_matrices = self._muon_matrices(model) if self.muon_lr is not None else set()
+        groups, muon_groups = [], []
         for part, modules in parts.items():
             params = [p for module in modules for p in module.parameters() if p.requires_grad]
             lr = self.part_learning_rates.get(part, self.args.learning_rate)
+            muon_groups.append({"params": [p for p in params if id(p) in hidden_matrices], "lr": self.muon_lr,
+                                "weight_decay": self.args.weight_decay, "name": f"{part}.muon"})
+            params = [p for p in params if id(p) not in hidden_matrices]
             # no weight decay on vectors: norms, biases, perceiver queries are 1D or would be shrunk pointlessly
             groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr,
                            "weight_decay": self.args.weight_decay, "name": part})
             groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0,
                            "name": f"{part}.no_decay"})
         groups = [group for group in groups if group["params"]]
+        muon_groups = [group for group in muon_groups if group["params"]]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        for group in groups:
+        if muon_groups:
+            self.optimizer = MuonWithAdamW(muon_groups, self.optimizer)
+        for group in muon_groups + groups:
             logger.info("optimizer group %s: %d tensors, lr %.2e", group["name"], len(group["params"]), group["lr"])
         return self.optimizer
+
+    def _muon_matrices(self, model) -> set[int]:
+        """ids of the decoder layers' 2D weights, the hidden matrices Muon is for (embeddings and the LM head are
+        lookups and a classifier: AdamW keeps them, as in nanochat)."""
+        if self.is_fsdp_enabled:
+            raise ValueError("--optim muon orthogonalises whole weight matrices, which FSDP shards across processes: "
+                             "train with DDP (no FSDP config) or use an AdamW --optim.")
+        return {id(p) for p in model.get_decoder().layers.parameters() if p.ndim == 2}
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
