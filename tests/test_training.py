@@ -16,8 +16,9 @@ from nanovision.data import shapes
 from nanovision.processing_nanovision import NanoVisionImageProcessor
 from nanovision.training import trainer as trainer_module
 from nanovision.training.data import load_stage_dataset, tokenize_for_stage
+from nanovision.training.muon import Muon, MuonWithAdamW, orthogonalize
 from nanovision.training.stages import StageArguments, build_model, build_processor, run_stage
-from nanovision.training.trainer import MuonWithAdamW, NanoVisionTrainer, NonFiniteLossError
+from nanovision.training.trainer import NanoVisionTrainer, NonFiniteLossError
 
 TINY = dict(builtin_train_size=120, pack_max_length=256, device_batch_size=2, depth=2, head_dim=32, vocab_size=400,
             image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, logging_steps=1,

@@ -33,7 +33,8 @@ logger = logging.getLogger("nanovision")
 #   >= 0.965), against 3 of 12 with AdamW and a cosine schedule (6 of 12 with AdamW at constant rates; Muon with
 #   warmup and cosine decay or over two epochs fails seeds too). With AdamW, whether SFT learned to look a place's
 #   attribute up among the image tokens (which encode it in every run) was decided by the seed; with Muon at a
-#   constant rate it did on every seed tried. Muon costs ~25% more SFT step time on the CPU (bf16 Newton-Schulz);
+#   constant rate it did on every seed tried. Muon costs 20-25% more SFT step time on a CPU with AMX, ~35% on one
+#   without bf16 units (where its Newton-Schulz runs in fp32, training/muon.py);
 # - attention runs per packed document (nanovision_varlen): 12% less SFT step time on the CPU than sdpa's
 #   block-diagonal mask, which computes every cross-document pair;
 # - bf16 autocast on CPUs that compute it natively (AVX512-BF16 / AMX): 1.7x the fp32 step rate on 2 cores.

@@ -93,9 +93,9 @@ class StageArguments:
     weight_decay: float = 0.0
     lr_scheduler_type: str = "cosine"
     optim: str = field(default="adamw_torch_fused", metadata={
-        "help": "an HF Trainer optimizer name, or 'muon': torch's Muon for the language model's hidden matrices (its "
-                "decoder layers' 2D weights, at --muon_lr) and fused AdamW for the rest (embeddings, LM head, norms, "
-                "connector, vision tower), as nanochat trains"})
+        "help": "an HF Trainer optimizer name, or 'muon': Muon (torch.optim.Muon's update, training/muon.py) for the "
+                "language model's hidden matrices (its decoder layers' 2D weights, at --muon_lr) and fused AdamW for "
+                "the rest (embeddings, LM head, norms, connector, vision tower), as nanochat trains"})
     muon_lr: float = field(default=0.02, metadata={"help": "--optim muon: the hidden matrices' learning rate "
                                                            "(nanochat's default)"})
     attn_implementation: str = "sdpa"

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from .muon import Muon, MuonWithAdamW
+
 logger = logging.getLogger("nanovision")
 
 # Dense bf16 tensor-core peak per GPU, FLOP/s, from the vendors' data sheets. MFU is reported against this (or
@@ -42,39 +44,6 @@ def flops_per_token(model, seq_len: int) -> float:
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class MuonWithAdamW(torch.optim.Optimizer):
-    """torch's Muon for the hidden matrices plus an AdamW for everything else, as one optimizer: the Trainer drives
-    exactly one (learning-rate schedule, zero_grad, checkpoints). The param groups are the two optimizers' own dicts,
-    so the schedule's learning rates reach both."""
-
-    def __init__(self, muon_groups: list[dict], adamw: torch.optim.Optimizer):
-        self.muon = torch.optim.Muon(muon_groups)
-        self.adamw = adamw
-        super().__init__(self.muon.param_groups + adamw.param_groups, defaults={})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
-        self.adamw.step()
-        return loss
-
-    def state_dict(self):
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state_dict):
-        missing = {"muon", "adamw"} - set(state_dict)
-        if missing:
-            raise ValueError(f"This optimizer state has no {sorted(missing)} part: it was saved by another --optim; "
-                             "resume with the --optim the checkpoint was trained with.")
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups  # loading made new group dicts
 
 
 class NanoVisionTrainer(Trainer):
@@ -115,7 +84,10 @@ class NanoVisionTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         if muon_groups:
-            self.optimizer = MuonWithAdamW(muon_groups, self.optimizer)
+            # bf16 Newton-Schulz (torch's choice) where bf16 is fast, fp32 on CPUs without bf16 units
+            fast_bf16 = self.args.device.type != "cpu" or cpu_has_fast_bf16()
+            muon = Muon(muon_groups, newton_schulz_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+            self.optimizer = MuonWithAdamW(muon, self.optimizer)
         for group in muon_groups + groups:
             logger.info("optimizer group %s: %d tensors, lr %.2e", group["name"], len(group["params"]), group["lr"])
         return self.optimizer
