@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nanovision.training import trainer as trainer_module
-from nanovision.training.muon import Muon, orthogonalize
+from nanovision.training.muon import Muon, MuonWithAdamW, orthogonalize
 
 
 def matrices(seed=0):
@@ -61,3 +61,20 @@ def test_trainer_runs_newton_schulz_in_fp32_on_cpus_without_bf16(tmp_path, monke
     trainer = trainer_module.NanoVisionTrainer(model=NanoVisionForCausalLM(tiny_text_config()), args=args,
                                                muon_lr=0.02)
     assert trainer.create_optimizer().muon.newton_schulz_dtype == dtype
+
+
+def test_muon_with_adamw_steps_both_and_evaluates_the_closure_once():
+    matrix, vector = torch.nn.Parameter(torch.ones(8, 4)), torch.nn.Parameter(torch.ones(4))
+    optimizer = MuonWithAdamW(Muon([matrix], lr=0.1), torch.optim.AdamW([vector], lr=0.1))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = (matrix @ vector * torch.arange(8.0)).sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert len(calls) == 1 and loss.item() == pytest.approx(4 * sum(range(8)))
+    assert not torch.equal(matrix, torch.ones(8, 4)) and not torch.equal(vector, torch.ones(4))

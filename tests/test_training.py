@@ -16,7 +16,7 @@ from nanovision.data import shapes
 from nanovision.processing_nanovision import NanoVisionImageProcessor
 from nanovision.training import trainer as trainer_module
 from nanovision.training.data import load_stage_dataset, tokenize_for_stage
-from nanovision.training.muon import Muon, MuonWithAdamW, orthogonalize
+from nanovision.training.muon import MuonWithAdamW
 from nanovision.training.stages import StageArguments, build_model, build_processor, run_stage
 from nanovision.training.trainer import NanoVisionTrainer, NonFiniteLossError
 

@@ -66,13 +66,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
         super().__init__(muon.param_groups + adamw.param_groups, defaults={})
 
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
+        loss = self.muon.step(closure)  # evaluates the closure, if any, once
         self.adamw.step()
         return loss
 
