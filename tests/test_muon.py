@@ -49,18 +49,31 @@ def test_muon_takes_matrices_only():
         Muon([torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4))])
 
 
-@pytest.mark.parametrize("fast_bf16, dtype", [(True, torch.bfloat16), (False, torch.float32)])
-def test_trainer_runs_newton_schulz_in_fp32_on_cpus_without_bf16(tmp_path, monkeypatch, fast_bf16, dtype):
+def tiny_trainer(tmp_path, **training_arguments):
     from conftest import tiny_text_config
     from transformers import TrainingArguments
 
     from nanovision.modeling_nanovision import NanoVisionForCausalLM
 
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **training_arguments)
+    return trainer_module.NanoVisionTrainer(model=NanoVisionForCausalLM(tiny_text_config()), args=args, muon_lr=0.02)
+
+
+@pytest.mark.parametrize("fast_bf16, dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_trainer_runs_newton_schulz_in_fp32_on_cpus_without_bf16(tmp_path, monkeypatch, fast_bf16, dtype):
     monkeypatch.setattr(trainer_module, "cpu_has_fast_bf16", lambda: fast_bf16)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    trainer = trainer_module.NanoVisionTrainer(model=NanoVisionForCausalLM(tiny_text_config()), args=args,
-                                               muon_lr=0.02)
-    assert trainer.create_optimizer().muon.newton_schulz_dtype == dtype
+    assert tiny_trainer(tmp_path).create_optimizer().muon.newton_schulz_dtype == dtype
+
+
+def test_muon_errors_name_the_fix(tmp_path):
+    trainer = tiny_trainer(tmp_path, optim="adamw_torch")
+    optimizer = trainer.create_optimizer()
+    adamw_state = torch.optim.AdamW(trainer.model.parameters()).state_dict()
+    with pytest.raises(ValueError, match=r"no \['adamw', 'muon'\] part.*--optim the checkpoint was trained with"):
+        optimizer.load_state_dict(adamw_state)
+    trainer.optimizer, trainer.is_fsdp_enabled = None, True
+    with pytest.raises(ValueError, match="--optim muon orthogonalises whole weight matrices, which FSDP shards"):
+        trainer.create_optimizer()
 
 
 def test_muon_with_adamw_steps_both_and_evaluates_the_closure_once():
