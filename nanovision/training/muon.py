@@ -27,8 +27,7 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update with its defaults (Nesterov momentum 0.95, 5 Newton-Schulz steps, lr scaled by
     sqrt(max(1, rows / cols))), bit for bit in bf16, plus the choice of the Newton-Schulz dtype: torch's is bf16 only,
-    which a CPU without AVX512-BF16/AMX runs several times slower than fp32 (~0.35 s of a ~0.66 s quickstart SFT
-    step there, ~0.13 s in fp32)."""
+    which a CPU without AVX512-BF16/AMX runs several times slower than fp32 (step times: benchmarks/RESULTS.md)."""
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
                  newton_schulz_dtype: torch.dtype = torch.bfloat16):
