@@ -38,15 +38,14 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanovision.kernels.fused_linear_cross_entropy import (  # noqa: E402
+from nanovision.configuration_nanovision import FUSED_KERNEL_OPS  # noqa: E402
+from nanovision.kernels.ops.linear_cross_entropy import (  # noqa: E402
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from nanovision.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
-from nanovision.kernels.rope import apply_rotary, apply_rotary_reference  # noqa: E402
-from nanovision.kernels.swiglu import relu2, relu2_reference, swiglu, swiglu_reference  # noqa: E402
-
-ALL_OPS = ("rms_norm", "swiglu", "rope", "linear_ce")
+from nanovision.kernels.ops.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from nanovision.kernels.ops.rope import apply_rotary, apply_rotary_reference  # noqa: E402
+from nanovision.kernels.ops.swiglu import relu2, relu2_reference, swiglu, swiglu_reference  # noqa: E402
 
 
 # --------------------------------------------------------------------------- #
@@ -75,11 +74,11 @@ def _liger():
     try:
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-        def liger_linear_ce(hidden, weight, labels):
+        def liger_linear_cross_entropy(hidden, weight, labels):
             out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels)
             return out[0] if isinstance(out, tuple) else out  # 0.8.x returns (loss, z_loss, ...)
 
-        ops["linear_ce"] = liger_linear_ce
+        ops["linear_cross_entropy"] = liger_linear_cross_entropy
     except Exception:
         pass
     return ops
@@ -279,8 +278,8 @@ def bench_flce(b, N, H, V, dtype, compile_ok, liger, chunk_sizes=(None,)):
     if compile_ok:
         c = torch.compile(linear_cross_entropy_reference)
         variants["unfused torch.compile"] = lambda: c(h, w, labels)
-    if "linear_ce" in liger:
-        variants["liger"] = lambda: liger["linear_ce"](h, w, labels)
+    if "linear_cross_entropy" in liger:
+        variants["liger"] = lambda: liger["linear_cross_entropy"](h, w, labels)
     rows = []
     for name, f in variants.items():
         try:
@@ -289,11 +288,11 @@ def bench_flce(b, N, H, V, dtype, compile_ok, liger, chunk_sizes=(None,)):
             t_fb = b.time_ms(fb)
             peak = b.peak_extra_mb(fb)
         except Exception as e:
-            rows.append({"op": "linear_ce", "variant": name, "error": repr(e)[:200]})
+            rows.append({"op": "linear_cross_entropy", "variant": name, "error": repr(e)[:200]})
             continue
-        rows.append({"op": "linear_ce", "shape": [N, H, V], "dtype": str(dtype), "pass": "fwd", "variant": name,
-                     "ms": t_f, "TFLOP/s": flops_fb / 3 / t_f / 1e9})
-        rows.append({"op": "linear_ce", "shape": [N, H, V], "dtype": str(dtype), "pass": "fwd+bwd",
+        rows.append({"op": "linear_cross_entropy", "shape": [N, H, V], "dtype": str(dtype), "pass": "fwd",
+                     "variant": name, "ms": t_f, "TFLOP/s": flops_fb / 3 / t_f / 1e9})
+        rows.append({"op": "linear_cross_entropy", "shape": [N, H, V], "dtype": str(dtype), "pass": "fwd+bwd",
                      "variant": name, "ms": t_fb, "TFLOP/s": flops_fb / t_fb / 1e9, "peak_extra_MiB": peak})
     base = next((r.get("peak_extra_MiB") for r in rows
                  if r.get("variant") == "unfused eager" and r.get("pass") == "fwd+bwd"), None)
@@ -306,13 +305,13 @@ def bench_flce(b, N, H, V, dtype, compile_ok, liger, chunk_sizes=(None,)):
 
 # --------------------------------------------------------------------------- #
 def _print_table(rows, copy_gbs):
-    hdr = (f"{'op':<18} {'pass':<8} {'variant':<30} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+    hdr = (f"{'op':<20} {'pass':<8} {'variant':<30} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
            f"{'TFLOP/s':>8} {'peakMiB':>9} {'vs unf':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:<18} {'':<8} {r['variant']:<30} ERROR {r['error']}")
+            print(f"{r['op']:<20} {'':<8} {r['variant']:<30} ERROR {r['error']}")
             continue
         gbs = r.get("GB/s")
         tfl = r.get("TFLOP/s")
@@ -325,14 +324,14 @@ def _print_table(rows, copy_gbs):
             f"{peak:9.0f}" if peak is not None else " " * 9,
             f"{100 * rel:6.1f}%" if rel is not None else " " * 7,
         ]
-        print(f"{r['op']:<18} {r.get('pass', ''):<8} {r['variant']:<30} {r['ms']:9.3f} " + " ".join(cols))
+        print(f"{r['op']:<20} {r.get('pass', ''):<8} {r['variant']:<30} {r['ms']:9.3f} " + " ".join(cols))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on CPU via the Triton interpreter)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernels.json"))
-    ap.add_argument("--ops", nargs="+", default=list(ALL_OPS), choices=ALL_OPS)
+    ap.add_argument("--ops", nargs="+", default=list(FUSED_KERNEL_OPS), choices=FUSED_KERNEL_OPS)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile'd references")
     ap.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel even if installed")
     ap.add_argument("--no-cudagraph", action="store_true", help="time plain calls instead of graph replays")
@@ -368,7 +367,7 @@ def main(argv=None):
         rows += bench_swiglu(b, *shapes["swiglu"], bf16, compile_ok, liger)
     if "rope" in args.ops:
         rows += bench_rope(b, *shapes["rope"], bf16, compile_ok, liger)
-    if "linear_ce" in args.ops:
+    if "linear_cross_entropy" in args.ops:
         rows += bench_flce(b, *shapes["flce"], bf16, compile_ok, liger,
                            chunk_sizes=[None] + list(args.flce_chunks))
 

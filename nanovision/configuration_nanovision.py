@@ -64,8 +64,10 @@ class NanoVisionTextConfig(PretrainedConfig):
         final_logit_softcapping: if set, logits = c * tanh(logits / c).
         tie_word_embeddings: share the token embedding and the output head.
         initializer_range: std of the normal init of embeddings and projections.
-        use_fused_kernels: False, True (all ops) or a list of ops from
-            ("rms_norm", "swiglu", "rope", "linear_cross_entropy") to run with nanovision's fused kernels.
+        use_fused_kernels: False, True (all ops) or a list of ops from FUSED_KERNEL_OPS to run with nanovision's
+            fused kernels (nanovision.kernels.apply_fused_kernels): "rms_norm" (the norms), "swiglu" (the MLP's
+            activation and down projection, swiglu or relu2), "rope" (the rotary embedding, q/k/v as one GEMM) and
+            "linear_cross_entropy" (the head and the training loss without logits).
     """
 
     model_type = "nanovision_text"

@@ -1,14 +1,11 @@
 """The fused kernels inside the model: same outputs and gradients as the eager model."""
 
 import logging
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter here
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from conftest import randomize, tiny_text_config, tiny_vlm_config  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: E402
+import pytest
+import torch
+from conftest import randomize, tiny_text_config, tiny_vlm_config
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 pytest.importorskip("triton")
 from nanovision.kernels import apply_fused_kernels, kernel_backends  # noqa: E402

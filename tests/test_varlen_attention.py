@@ -1,51 +1,21 @@
-"""Tests for nanovision.kernels.varlen_attention (Triton kernels on CPU through the Triton interpreter).
+"""Tests for nanovision.kernels.ops.varlen_attention (conftest: the device, the Triton interpreter, the helpers).
 
 Forward and backward are checked against a float64 per-document reference on fresh random fp32 inputs, with
 documents shorter than a block, not a multiple of a block, empty, and spanning several blocks (the interpreter
-configs use 16 / 32-token blocks). Buffers allocated by the kernels are poisoned with NaN so unwritten elements
-fail the comparison.
-
-Set NANOVISION_TEST_CUDA=1 (on a GPU machine) to run the same tests on CUDA with compiled kernels.
+configs use 16 / 32-token blocks).
 """
 
-import os
-
-_ON_CUDA = os.environ.get("NANOVISION_TEST_CUDA", "0") == "1"
-if not _ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton / nanovision.kernels are imported
-
-import sys  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
+import torch
+from conftest import DEVICE, REL_TOL, TEST_ON_CUDA, assert_close, f64, rand, seed_case
 
 pytest.importorskip("triton")
-
-import torch  # noqa: E402
-
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from nanovision.kernels.varlen_attention import (  # noqa: E402
+from nanovision.kernels.ops.varlen_attention import (  # noqa: E402
     varlen_attention,
     varlen_attention_reference,
 )
 
-DEVICE = "cuda" if _ON_CUDA else "cpu"
-if _ON_CUDA and not torch.cuda.is_available():
-    pytest.skip("NANOVISION_TEST_CUDA=1 but no CUDA device", allow_module_level=True)
-
-REL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def _seed(*parts):
-    torch.manual_seed(zlib.crc32(repr(parts).encode()) + int(os.environ.get("NANOVISION_TEST_SEED", "0")))
-
-
-def rand(*shape, dtype=torch.float32):
-    return torch.randn(*shape, device=DEVICE, dtype=torch.float64).to(dtype)
+ATTENTION_TOL = {**REL_TOL, torch.float32: 1e-4}
 
 
 def cu_seqlens_of(lengths):
@@ -60,37 +30,6 @@ def qkv(total, n_heads, n_kv_heads, head_dim, dtype=torch.float32):
     )
 
 
-def f64(t):
-    return t.detach().double().requires_grad_(True)
-
-
-def assert_close(out, ref, tol, name=""):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    assert torch.isfinite(out64).all(), f"{name}: non-finite values (unwritten output?)"
-    err = (out64 - ref64).norm().item() / max(ref64.norm().item(), 1e-12)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
-    # elementwise bound too, so a few wrong elements cannot hide in the norm
-    worst = (out64 - ref64).abs().max().item()
-    bound = 8 * tol * max(ref64.abs().max().item(), 1e-6)
-    assert worst <= bound, f"{name}: max abs error {worst:.3e} > {bound:.3e}"
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Fill every floating tensor made with torch.empty / empty_like with NaN."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def _fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
-    yield
-
-
 def run_and_compare(lengths, n_heads, n_kv_heads, head_dim, dtype=torch.float32, scale=None):
     cu = cu_seqlens_of(lengths)
     q, k, v = qkv(sum(lengths), n_heads, n_kv_heads, head_dim, dtype)
@@ -98,15 +37,15 @@ def run_and_compare(lengths, n_heads, n_kv_heads, head_dim, dtype=torch.float32,
     assert out.dtype == dtype
     q64, k64, v64 = f64(q), f64(k), f64(v)
     ref = varlen_attention_reference(q64, k64, v64, cu, max(lengths), scale)
-    tol = REL_TOL[dtype]
-    assert_close(out, ref, tol, "out")
+    tol = ATTENTION_TOL[dtype]
+    assert_close(out, ref, dtype, "out", tol)
 
     dout = rand(*out.shape, dtype=dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     grads_ref = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert g.dtype == dtype
-        assert_close(g, g_ref, tol, name)
+        assert_close(g, g_ref, dtype, name, tol)
 
 
 # --------------------------------------------------------------------------- #
@@ -126,7 +65,7 @@ def test_reference_is_causal_sdpa_per_document(lengths):
     """The reference batches documents of a length class with padding: it must equal plain per-document SDPA."""
     import torch.nn.functional as F
 
-    _seed("reference", lengths)
+    seed_case("reference", lengths)
     cu = cu_seqlens_of(lengths)
     q, k, v = (f64(t) for t in qkv(sum(lengths), 4, 2, 16))
     out = varlen_attention_reference(q, k, v, cu, max(lengths))
@@ -144,21 +83,21 @@ def test_reference_is_causal_sdpa_per_document(lengths):
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
 def test_matches_reference(poison, lengths, heads):
-    _seed("ref", lengths, heads)
+    seed_case("ref", lengths, heads)
     run_and_compare(lengths, *heads, head_dim=16)
 
 
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_head_dims_and_scale(poison, head_dim):
-    _seed("dims", head_dim)
+    seed_case("dims", head_dim)
     run_and_compare([30, 47], 6, 2, head_dim, scale=0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(poison, dtype):
-    if dtype == torch.bfloat16 and not _ON_CUDA:
+    if dtype == torch.bfloat16 and not TEST_ON_CUDA:
         pytest.skip("the Triton interpreter multiplies bf16 tl.dot operands as their raw uint16 bits")
-    _seed("half", dtype)
+    seed_case("half", dtype)
     run_and_compare([9, 50], 4, 2, 16, dtype=dtype)
 
 
@@ -166,7 +105,7 @@ def test_half_precision(poison, dtype):
 # documents stay separate
 # --------------------------------------------------------------------------- #
 def test_documents_isolated(poison):
-    _seed("isolated")
+    seed_case("isolated")
     lengths = [23, 40, 17, 33]
     cu = cu_seqlens_of(lengths)
     q, k, v = qkv(sum(lengths), 4, 2, 16)
@@ -193,7 +132,7 @@ def test_documents_isolated(poison):
 # --------------------------------------------------------------------------- #
 def test_non_contiguous_views(poison):
     # q, k, v sliced out of one fused projection output [tokens, (Hq + 2 * Hkv) * D], as a model produces them
-    _seed("views")
+    seed_case("views")
     lengths, n_heads, n_kv_heads, head_dim = [21, 40], 4, 2, 16
     total = sum(lengths)
     cu = cu_seqlens_of(lengths)
@@ -248,7 +187,7 @@ def test_attention_interface_follows_autocast():
     """Under autocast a transformers model hands attention fp32 q/k (rotated by fp32 RoPE tables) and a bf16 v: the
     interface casts all three to the autocast dtype, as autocast does for SDPA. (float16: the interpreter's bf16 dot is
     wrong, see test_half_precision.)"""
-    from nanovision.kernels import varlen_attention_forward
+    from nanovision.kernels.attention import varlen_attention_forward
 
     module = torch.nn.Module()
     module.is_causal = True

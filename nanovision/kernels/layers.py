@@ -1,6 +1,6 @@
 """nn.Module wrappers around the fused ops and `apply_fused_kernels`.
 
-`apply_fused_kernels(model, ops=None)` patches one model instance in place:
+`apply_fused_kernels(model, ops=None)` patches one model instance in place, for each op of FUSED_KERNEL_OPS:
   rms_norm             NanoVisionRMSNorm        -> FusedRMSNorm (same weight Parameter)
   swiglu               NanoVisionTextMLP        -> FusedMLP (same Linear submodules; swiglu or relu2;
                                                    gate/up as one GEMM)
@@ -9,21 +9,21 @@
                                                    qkv_rotary_fn = fused_qkv_rotary (that GEMM and the
                                                    rotary as one step, where there is no QK-norm)
   linear_cross_entropy NanoVisionForCausalLM /
-                       NanoVisionForConditionalGeneration -> linear_cross_entropy = fused op
+                       NanoVisionForConditionalGeneration -> linear_cross_entropy = fused_linear_cross_entropy
 Modules are matched by class name so remote-code copies of the classes work too.
 Parameter names / state_dict keys are unchanged.
 """
 
 import logging
-import sys
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
 
-logger = logging.getLogger("nanovision")
+from ..configuration_nanovision import FUSED_KERNEL_OPS
+from . import dispatch
 
-VALID_OPS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+logger = logging.getLogger("nanovision")
 
 RMSNORM_CLASS_NAMES = frozenset({"NanoVisionRMSNorm"})
 MLP_CLASS_NAMES = frozenset({"NanoVisionTextMLP"})
@@ -35,11 +35,6 @@ PROJECTION_INPUT_NORMS = frozenset({"input_layernorm", "post_attention_layernorm
 _PLAIN_TYPES = (bool, int, float, str, type(None), tuple)
 _SKIP_ATTRS = frozenset({"forward", "training"})
 _LOGGED = False
-
-
-def _ops():
-    # the package's dispatching functions (resolved lazily: the package imports this module)
-    return sys.modules[__package__]
 
 
 def _adopt(src: nn.Module, dst: nn.Module) -> None:
@@ -65,7 +60,8 @@ class FusedRMSNorm(nn.Module):
     projections: each projection would otherwise cast the fp32 output itself and keep its own low-precision copy
     for backward (three copies for q/k/v, two for gate/up); the numbers are the same. The norm's own backward then
     keeps that shared output instead of its fp32 input (bf16 outputs; fp16 ones keep the input), so its gradients carry
-    the output's rounding, and weight entries smaller than 2^-64 in magnitude count as 2^-64 (`rms_norm.WEIGHT_FLOOR`).
+    the output's rounding, and weight entries smaller than 2^-64 in magnitude count as 2^-64
+    (`ops.rms_norm.WEIGHT_FLOOR`).
     """
 
     def __init__(self, weight: Optional[nn.Parameter] = None, eps: float = 1e-6, autocast_output: bool = False):
@@ -89,7 +85,7 @@ class FusedRMSNorm(nn.Module):
         out_dtype = None
         if self.autocast_output and torch.is_autocast_enabled(device):
             out_dtype = torch.get_autocast_dtype(device)
-        return _ops().rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype)
+        return dispatch.rms_norm(hidden_states, self.weight, self.eps, residual, out_dtype)
 
     def extra_repr(self) -> str:
         shape = tuple(self.weight.shape) if self.weight is not None else "no weight"
@@ -144,7 +140,7 @@ def fused_qkv_rotary(attention: nn.Module, hidden_states: torch.Tensor, cos: tor
     if packed is None:
         packed = torch.cat([p(hidden_states) for p in projections], dim=-1)
     config = attention.config
-    return _ops().apply_rotary_qkv(packed, cos, sin, config.num_attention_heads, config.num_key_value_heads)
+    return dispatch.apply_rotary_qkv(packed, cos, sin, config.num_attention_heads, config.num_key_value_heads)
 
 
 class FusedMLP(nn.Module):
@@ -168,7 +164,6 @@ class FusedMLP(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = _ops()
         down = self.down_proj
         fuse_down = _is_plain_linear(down)
         # gate and up as one GEMM where the fused op takes its packed output as is: the op writes its gradient as one
@@ -194,13 +189,13 @@ class FusedMLP(nn.Module):
                 weight = down.weight.to(dtype)
                 bias = None if down.bias is None else down.bias.to(dtype)
                 if gate_up is not None:
-                    return ops.swiglu_linear_packed(gate_up, weight, bias)
+                    return dispatch.swiglu_linear_packed(gate_up, weight, bias)
                 if gate is None:
-                    return ops.relu2_linear(up, weight, bias)
-                return ops.swiglu_linear(gate, up, weight, bias)
+                    return dispatch.relu2_linear(up, weight, bias)
+                return dispatch.swiglu_linear(gate, up, weight, bias)
             if gate_up is not None:
                 gate, up = gate_up.chunk(2, dim=-1)
-        return down(ops.relu2(up) if gate is None else ops.swiglu(gate, up))
+        return down(dispatch.relu2(up) if gate is None else dispatch.swiglu(gate, up))
 
     def extra_repr(self) -> str:
         return f"mlp_type={self.mlp_type!r}"
@@ -209,20 +204,19 @@ class FusedMLP(nn.Module):
 def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -> nn.Module:
     """Swap in fused kernels on this model instance (in place) and return it.
 
-    ops: None for all, or a subset of {"rms_norm", "swiglu", "rope", "linear_cross_entropy"}.
+    ops: None for all, or a subset of FUSED_KERNEL_OPS ("rms_norm", "swiglu", "rope", "linear_cross_entropy").
     The applied ops are recorded as `model.fused_kernel_ops`.
     """
     global _LOGGED
     if ops is None:
-        selected = VALID_OPS
+        selected = FUSED_KERNEL_OPS
     else:
         requested = (ops,) if isinstance(ops, str) else tuple(ops)
-        unknown = [o for o in requested if o not in VALID_OPS]
+        unknown = [o for o in requested if o not in FUSED_KERNEL_OPS]
         if unknown:
-            raise ValueError(f"unknown fused kernel op(s) {unknown}; valid ops are {list(VALID_OPS)}")
-        selected = tuple(o for o in VALID_OPS if o in requested)
+            raise ValueError(f"unknown fused kernel op(s) {unknown}; valid ops are {list(FUSED_KERNEL_OPS)}")
+        selected = tuple(o for o in FUSED_KERNEL_OPS if o in requested)
 
-    pkg = _ops()
     counts = dict.fromkeys(selected, 0)
     replaced = {}  # id(original) -> replacement, so shared modules stay shared
 
@@ -245,96 +239,22 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
     for module in model.modules():
         cls_name = type(module).__name__
         if "rope" in counts and cls_name in ATTENTION_CLASS_NAMES:
-            module.rotary_fn = pkg.apply_rotary
+            module.rotary_fn = dispatch.apply_rotary
             module.qkv_fn = fused_qkv
             module.qkv_rotary_fn = fused_qkv_rotary
             counts["rope"] += 1
         if "linear_cross_entropy" in counts and cls_name in LM_CLASS_NAMES:
-            module.linear_cross_entropy = pkg.fused_linear_cross_entropy
+            module.linear_cross_entropy = dispatch.fused_linear_cross_entropy
             counts["linear_cross_entropy"] += 1
 
     previous = tuple(getattr(model, "fused_kernel_ops", ()) or ())
-    model.fused_kernel_ops = tuple(o for o in VALID_OPS if o in previous or counts.get(o, 0) > 0)
+    model.fused_kernel_ops = tuple(o for o in FUSED_KERNEL_OPS if o in previous or counts.get(o, 0) > 0)
 
     if not _LOGGED:
-        logger.info(pkg.describe_backends())
+        logger.info(dispatch.describe_backends())
         _LOGGED = True
     logger.debug("nanovision: fused kernels applied: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     for op, n in counts.items():
         if n == 0:
             logger.warning("nanovision: fused kernel op %r matched no module in %s", op, type(model).__name__)
     return model
-
-
-# --------------------------------------------------------------------------- #
-# Packed (varlen) attention as a transformers attention implementation
-# --------------------------------------------------------------------------- #
-VARLEN_ATTENTION = "nanovision_varlen"
-
-
-def document_bounds(position_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-    """(cu_seqlens int32, longest document) over the flattened [B * T] tokens of `position_ids` [B, T]: a document
-    starts at each row start, where position_ids restart at 0, and where a 2D padding mask switches between padding
-    and tokens (so padding never shares a document with real tokens)."""
-    starts = position_ids == 0
-    starts[:, 0] = True
-    if attention_mask is not None:
-        starts[:, 1:] |= attention_mask[:, 1:] != attention_mask[:, :-1]
-    first = starts.reshape(-1).nonzero()[:, 0]
-    bounds = torch.cat([first, first.new_tensor([starts.numel()])]).to(torch.int32)
-    return bounds, int((bounds[1:] - bounds[:-1]).max())
-
-
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             position_ids=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """transformers attention interface (query [B, Hq, T, D], key/value [B, Hkv, S, D] -> [B, T, Hq, D], None)
-    for packed rows: each document attends causally to itself only, with no [T, T] mask and no work on
-    cross-document pairs. Documents come from the collator's `cu_seq_lens_q` / `max_length_q`
-    (PackedDataCollator(return_flash_attn_kwargs=True)) or else from `position_ids` restarting at 0.
-
-    Decoding against a KV cache (fewer queries than keys) is not packed work: it runs through SDPA, and so does a
-    bidirectional module (`is_causal=False`: the SigLIP vision tower, whose config the model's attention setting
-    also reaches; its images are never packed)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    if dropout:
-        raise ValueError(f"attn_implementation={VARLEN_ATTENTION!r} has no attention dropout; set attention_dropout=0.")
-    device = query.device.type
-    if torch.is_autocast_enabled(device):
-        # what autocast does for SDPA: under autocast, q/k leave RoPE's fp32 tables in fp32 while v comes out of its
-        # projection in the autocast dtype
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    batch, heads, length, head_dim = query.shape
-    if key.shape[2] != length:
-        # the flash-style mask hook gives no mask or a 2D padding one: spell out causality against the cached past
-        past = key.shape[2] - length
-        allowed = torch.ones(length, key.shape[2], dtype=torch.bool, device=query.device).tril(past)[None, None]
-        if attention_mask is not None and attention_mask.dim() == 2:
-            allowed = allowed & attention_mask[:, None, None, :].bool()
-        return sdpa_attention_forward(module, query, key, value, allowed, dropout=0.0, scaling=scaling, **kwargs)
-    if cu_seq_lens_q is None:
-        if position_ids is None:
-            position_ids = torch.arange(length, device=query.device)[None]
-        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        cu_seq_lens_q, max_length_q = document_bounds(position_ids.expand(batch, length), mask)
-    # [B, H, T, D] views of [B, T, H, D] projections: back to token-major rows, a view when nothing reordered them
-    out = _ops().varlen_attention(query.transpose(1, 2).reshape(batch * length, heads, head_dim),
-                                  key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim),
-                                  value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim),
-                                  cu_seq_lens_q.to(device=query.device, dtype=torch.int32), int(max_length_q),
-                                  scaling)
-    return out.view(batch, length, heads, head_dim), None
-
-
-def register_varlen_attention() -> None:
-    """Make `attn_implementation="nanovision_varlen"` available to every transformers model. Its mask hook is the
-    flash one: no mask for plain causal batches, the 2D padding mask otherwise (turned into documents above)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, flash_attention_mask)

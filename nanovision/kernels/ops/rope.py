@@ -26,7 +26,7 @@ try:
     import triton.language as tl
     from torch.library import triton_op
 
-    from ._compat import wrap_triton
+    from .launch import with_unit_last_stride, wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -193,13 +193,9 @@ if HAS_TRITON:
             _copy_heads(QKV_V, s_b, head, s_t, V, svb, svh, svt, b, t, n_k_heads, half, BLOCK_HK, BLOCK_D)
 
 
-# tuning knobs (H100: 4 warps was best for 10+5 heads x 128)
+# tuning knobs (tuned on H100 for 10 + 5 heads of 128: more warps per position did not help)
 ELEMS_PER_THREAD = 8
 MAX_WARPS = 4
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +207,7 @@ def _empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
         *sorted(range(x.dim()), key=order.__getitem__))
 
 
-def _cs_strides(c: torch.Tensor, B: int):
+def _cs_strides(c: torch.Tensor):
     # cos/sin: [B or 1, T, D] (also accepts [T, D]); batch stride 0 when broadcast
     if c.dim() == 2:
         return 0, c.stride(0)
@@ -232,8 +228,8 @@ if HAS_TRITON:
         if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
         cos, sin = _checked_angles(cos, sin, B, T, D)
-        q = _unit_last(q)
-        k = _unit_last(k)
+        q = with_unit_last_stride(q)
+        k = with_unit_last_stride(k)
         qo = _empty_in_memory_order(q)
         ko = _empty_in_memory_order(k)
         if B * T == 0:
@@ -243,8 +239,8 @@ if HAS_TRITON:
             k, k.stride(0), k.stride(1), k.stride(2),
             qo, qo.stride(0), qo.stride(1), qo.stride(2),
             ko, ko.stride(0), ko.stride(1), ko.stride(2),
-            cos, *_cs_strides(cos, B),
-            sin, *_cs_strides(sin, B),
+            cos, *_cs_strides(cos),
+            sin, *_cs_strides(sin),
             T, Hq, Hk, D // 2,
             BACKWARD=backward,
             **_blocks(Hq, Hk, D, with_v=False),
@@ -260,7 +256,7 @@ if HAS_TRITON:
         B, T, _ = qkv.shape
         D = _qkv_head_dim(qkv, n_q_heads, n_kv_heads)
         cos, sin = _checked_angles(cos, sin, B, T, D)
-        qkv = _unit_last(qkv)
+        qkv = with_unit_last_stride(qkv)
         qo, ko, vo = (qkv.new_empty(B, T, heads, D).transpose(1, 2) for heads in (n_q_heads, n_kv_heads, n_kv_heads))
         if B * T:
             _launch_qkv(qkv, qo, ko, vo, cos, sin, backward=False)
@@ -276,7 +272,8 @@ if HAS_TRITON:
         cos, sin = _checked_angles(cos, sin, B, T, D)
         dqkv = dq.new_empty(B, T, (Hq + 2 * Hk) * D)
         if B * T:
-            _launch_qkv(dqkv, _unit_last(dq), _unit_last(dk), _unit_last(dv), cos, sin, backward=True)
+            dq, dk, dv = (with_unit_last_stride(t) for t in (dq, dk, dv))
+            _launch_qkv(dqkv, dq, dk, dv, cos, sin, backward=True)
         return dqkv
 
     def _launch_qkv(qkv, q, k, v, cos, sin, backward: bool):
@@ -287,8 +284,8 @@ if HAS_TRITON:
             q, q.stride(0), q.stride(1), q.stride(2),
             k, k.stride(0), k.stride(1), k.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
-            cos, *_cs_strides(cos, B),
-            sin, *_cs_strides(sin, B),
+            cos, *_cs_strides(cos),
+            sin, *_cs_strides(sin),
             T, Hq, Hk, D // 2,
             BACKWARD=backward,
             **_blocks(Hq, Hk, D, with_v=True),
@@ -300,7 +297,7 @@ def _checked_angles(cos: torch.Tensor, sin: torch.Tensor, B: int, T: int, D: int
         if (c.dim() not in (2, 3) or c.shape[-1] != D or c.shape[-2] != T
                 or (c.dim() == 3 and c.shape[0] not in (1, B))):
             raise ValueError(f"{name} must be [B or 1, T, D] = [{B} or 1, {T}, {D}], got {tuple(c.shape)}")
-    return _unit_last(cos), _unit_last(sin)
+    return with_unit_last_stride(cos), with_unit_last_stride(sin)
 
 
 def _blocks(Hq: int, Hk: int, D: int, with_v: bool) -> dict:

@@ -23,6 +23,8 @@ try:
     import triton
     import triton.language as tl
 
+    from .launch import with_unit_last_stride
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
     HAS_TRITON = False
@@ -406,7 +408,7 @@ LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd / 3rd grid dimension (documents, heads)
 
-# tuning knobs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, measured on H100 (bf16, head_dim 128, 10 / 5
+# tuning knobs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, tuned on H100 (bf16, head_dim 128, 10 / 5
 # heads, 8 rows of 2048 tokens packed with documents of log-normal lengths around 600). Smaller tiles than for long
 # sequences pay off there: a short document has proportionally more diagonal blocks, where half a tile is masked.
 # The interpreter runs every op as numpy code per program, so it gets small blocks (cheap, and small documents
@@ -434,11 +436,6 @@ def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep fp32-level products, as torch computes fp32 attention by default (plain tf32 would be ~1e-3
     # off); tf32x3 does that on the tensor cores, where "ieee" would unroll into scalar FMAs that compile for minutes
     return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """The kernels index with strides but assume a unit stride along the head dim (copies only if needed)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
@@ -490,7 +487,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
         return out, lse
     (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim, q.is_cuda)
     # programs past a short document's end exit at once; numbering the blocks across documents instead (a scan of
-    # cu_seqlens per program) measured no faster on H100 with 2048-token rows of ~600-token documents
+    # cu_seqlens per program) was no faster on H100 with 2048-token rows of ~600-token documents
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, n_heads)
     _varlen_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens,
@@ -561,7 +558,7 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
 class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
         out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, scale)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.max_seqlen = max_seqlen
@@ -571,7 +568,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _backward(_unit_last(dout), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+        dq, dk, dv = _backward(with_unit_last_stride(dout), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

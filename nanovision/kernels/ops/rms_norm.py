@@ -18,7 +18,7 @@ try:
     import triton.language as tl
     from torch.library import triton_op
 
-    from ._compat import unused_pointer, wrap_triton
+    from .launch import unused_pointer, wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -49,7 +49,7 @@ def rms_norm_reference(
 # --------------------------------------------------------------------------- #
 # A norm that keeps its narrow output y = n * w for the backward rebuilds n as y / w, undefined where w == 0 (or
 # subnormal, which kernels may flush to zero). Asking whether a weight has such an entry needs a host-device sync
-# (1.9 ms a step at the d20 shape on the H200), so such norms use WEIGHT_FLOOR for entries smaller than it in magnitude:
+# every step, so such norms use WEIGHT_FLOOR for entries smaller than it in magnitude:
 # the output there is n * 2^-64 instead of 0, below any rounding of the projection that reads it, and n is rebuilt to
 # y's precision. Only outputs with the input's exponent range take this path (bf16 from fp32): in fp16, n * 2^-64
 # underflows, so fp16 outputs keep s.
@@ -169,7 +169,7 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------- #
 _SM_COUNT = {}
 
-# tuning knobs (measured on H100, bf16): forward tile = elements per program
+# tuning knobs (tuned on H100, bf16): forward tile = elements per program
 # (several rows per program when the hidden size is small), elements per thread
 FWD_TILE = 2048
 FWD_ELEMS_PER_THREAD = 8
@@ -190,8 +190,6 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     if t2.stride(-1) != 1 and n_cols > 1:
         t2 = t2.contiguous()
     return t2
-
-
 
 
 def _narrower_same_range(out_dtype: torch.dtype, s_dtype: torch.dtype) -> bool:

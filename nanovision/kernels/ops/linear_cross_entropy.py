@@ -142,10 +142,9 @@ CHUNK_MULTIPLIER = 8
 def _default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
     """Rows per chunk: the logits chunk is about CHUNK_MULTIPLIER x the hidden states' size.
 
-    Fewer chunks mean fewer passes over the fp32 grad_W accumulator (2 x V x H x 4 bytes
-    each); on an H100 (16384 x 1280 x 50304 bf16) fwd+bwd took 13.6 / 11.9 / 11.3 ms with chunks of
-    1024 / 2048 / 4096 rows, peak extra memory 482 MiB at 2048 and 679 MiB at 4096 (7% of the unfused
-    path's 9.4 GiB); 4096 rows is the default there (benchmarks/RESULTS.md).
+    Fewer chunks mean fewer passes over the fp32 grad_W accumulator (2 x V x H x 4 bytes each), at the cost of a
+    larger logits buffer; at nanochat's d20 shape this gives 4096-row chunks, the trade-off measured in
+    benchmarks/RESULTS.md.
     """
     per = -(-vocab // max(1, hidden))
     c = max(1, -(-n_rows // per))
@@ -171,40 +170,35 @@ def _accumulate_grad_weight(acc: torch.Tensor, g: torch.Tensor, h: torch.Tensor)
 
 def _chunk_pass(hidden, weight, labels, loss_rows, scale, scale_stride, ignore_index, softcap,
                 chunk_size, compute_grad, grad_hidden, grad_w_acc):
+    # the chunks run in the dtypes chosen by the caller: an enclosing autocast must not recast the matmuls
     with torch.autocast(hidden.device.type, enabled=False):
-        _chunk_pass_impl(hidden, weight, labels, loss_rows, scale, scale_stride, ignore_index, softcap,
-                         chunk_size, compute_grad, grad_hidden, grad_w_acc)
-
-
-def _chunk_pass_impl(hidden, weight, labels, loss_rows, scale, scale_stride, ignore_index, softcap,
-                     chunk_size, compute_grad, grad_hidden, grad_w_acc):
-    n_rows = hidden.shape[0]
-    vocab = weight.shape[0]
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    num_warps = 8 if block_v >= 2048 else 4
-    logits_buf = torch.empty((min(chunk_size, n_rows), vocab), dtype=hidden.dtype, device=hidden.device)
-    for start in range(0, n_rows, chunk_size):
-        end = min(start + chunk_size, n_rows)
-        h_c = hidden[start:end]
-        logits = logits_buf[: end - start]
-        torch.mm(h_c, weight.t(), out=logits)
-        sc = scale[start:end] if scale_stride else scale
-        _ce_chunk_kernel[(end - start,)](
-            logits, logits.stride(0),
-            labels[start:end],
-            loss_rows[start:end],
-            sc, scale_stride,
-            vocab, ignore_index, float(softcap) if softcap is not None else 1.0,
-            HAS_SOFTCAP=softcap is not None,
-            COMPUTE_GRAD=compute_grad,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
-        )
-        if compute_grad:
-            if grad_hidden is not None:
-                torch.mm(logits, weight, out=grad_hidden[start:end])
-            if grad_w_acc is not None:
-                _accumulate_grad_weight(grad_w_acc, logits, h_c)
+        n_rows = hidden.shape[0]
+        vocab = weight.shape[0]
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+        num_warps = 8 if block_v >= 2048 else 4
+        logits_buf = torch.empty((min(chunk_size, n_rows), vocab), dtype=hidden.dtype, device=hidden.device)
+        for start in range(0, n_rows, chunk_size):
+            end = min(start + chunk_size, n_rows)
+            h_c = hidden[start:end]
+            logits = logits_buf[: end - start]
+            torch.mm(h_c, weight.t(), out=logits)
+            sc = scale[start:end] if scale_stride else scale
+            _ce_chunk_kernel[(end - start,)](
+                logits, logits.stride(0),
+                labels[start:end],
+                loss_rows[start:end],
+                sc, scale_stride,
+                vocab, ignore_index, float(softcap) if softcap is not None else 1.0,
+                HAS_SOFTCAP=softcap is not None,
+                COMPUTE_GRAD=compute_grad,
+                BLOCK_V=block_v,
+                num_warps=num_warps,
+            )
+            if compute_grad:
+                if grad_hidden is not None:
+                    torch.mm(logits, weight, out=grad_hidden[start:end])
+                if grad_w_acc is not None:
+                    _accumulate_grad_weight(grad_w_acc, logits, h_c)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):

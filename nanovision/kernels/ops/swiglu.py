@@ -20,7 +20,7 @@ try:
     import triton.language as tl
     from torch.library import triton_op
 
-    from ._compat import unused_pointer, wrap_triton
+    from .launch import unused_pointer, wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -139,10 +139,6 @@ def _grid(n: int):
     return (triton.cdiv(n, BLOCK_SIZE),)
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _act_forward(g, u, dtype):
     """For dense inputs: swiglu(g, u) (same shapes); relu2(u) when g is None; swiglu on a packed [..., 2 * I] g
     (gate then up in each row) when u is None."""
@@ -195,9 +191,9 @@ if HAS_TRITON:
     def _act_op(gate: Optional[torch.Tensor], up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up (broadcast), or relu(up) ** 2 without a gate."""
         if gate is None:
-            return _act_forward(None, _dense(up), up.dtype)
+            return _act_forward(None, up.contiguous(), up.dtype)
         shape = torch.broadcast_shapes(gate.shape, up.shape)
-        return _act_forward(_dense(gate.expand(shape)), _dense(up.expand(shape)),
+        return _act_forward(gate.expand(shape).contiguous(), up.expand(shape).contiguous(),
                             torch.promote_types(gate.dtype, up.dtype))
 
     @triton_op("nanovision::act_backward", mutates_args=())
@@ -205,8 +201,8 @@ if HAS_TRITON:
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(dgate, dup) at the broadcast shape (dgate empty without a gate)."""
         shape = dy.shape
-        g = None if gate is None else _dense(gate.expand(shape))
-        dg, du = _act_backward(_dense(dy), g, _dense(up.expand(shape)))
+        g = None if gate is None else gate.expand(shape).contiguous()
+        dg, du = _act_backward(dy.contiguous(), g, up.expand(shape).contiguous())
         return (dy.new_empty(0) if dg is None else dg), du
 
     @triton_op("nanovision::act_linear", mutates_args=())
@@ -221,7 +217,7 @@ if HAS_TRITON:
         dtype = up.dtype if gate is None else gate.dtype if up is None else torch.promote_types(gate.dtype, up.dtype)
         if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
             raise TypeError(f"weight/bias must be in the activation dtype {dtype} (cast them first under autocast)")
-        g, u = (None if t is None else _dense(t) for t in (gate, up))
+        g, u = (None if t is None else t.contiguous() for t in (gate, up))
         # The dtypes given are the compute dtypes: an enclosing autocast must not recast them (here, or in a backward
         # that runs on the autocast thread, as CPU backward does), or the gradients would not match the forward.
         with torch.autocast(weight.device.type, enabled=False):
@@ -233,13 +229,13 @@ if HAS_TRITON:
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dgate, dup, dweight); dgate empty without a gate, dup empty without up, dweight empty unless
         weight_grad. act is rebuilt only for the weight gradient; dgate/dup come from the same pass either way."""
-        g, u = (None if t is None else _dense(t) for t in (gate, up))
+        g, u = (None if t is None else t.contiguous() for t in (gate, up))
         packed = u is None
         with torch.autocast(weight.device.type, enabled=False):
             # dh = grad_out @ W is a fresh temporary that the kernel overwrites, so that this backward's peak is no
             # higher than the unfused one's (gate, up, dh, dgate, dup): dgate goes over it, or, packed (whose gradient
             # is one new buffer of twice its size), the rebuilt activation
-            dh = _dense(grad_out.matmul(weight))
+            dh = grad_out.matmul(weight).contiguous()
             act = None
             if weight_grad:
                 act = dh if packed else torch.empty(u.shape, dtype=weight.dtype, device=u.device)

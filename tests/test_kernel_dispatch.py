@@ -1,0 +1,108 @@
+"""Which implementation the public kernel functions run (nanovision/kernels/dispatch.py): the backend chosen per
+process, the forced one, and the per-call fallback."""
+
+import pytest
+import torch
+from conftest import BF16, DEVICE, F32, REBUILT_TOL, TEST_ON_CUDA, assert_close, leaf, rand, seed_case
+from torch import nn
+
+pytest.importorskip("triton")
+import nanovision.kernels as K  # noqa: E402
+from nanovision.kernels import dispatch  # noqa: E402
+from nanovision.kernels.ops import swiglu as swiglu_ops  # noqa: E402
+from nanovision.kernels.ops.linear_cross_entropy import linear_cross_entropy_reference  # noqa: E402
+from nanovision.kernels.ops.rms_norm import rms_norm_reference  # noqa: E402
+from nanovision.kernels.ops.swiglu import relu2_linear_reference, swiglu_linear_reference  # noqa: E402
+
+
+# --------------------------------------------------------------------------- #
+# backend selection / dispatch
+# --------------------------------------------------------------------------- #
+def test_backend_selection():
+    """One op vocabulary: the config's fused-kernel ops, plus the packed attention."""
+    from nanovision.configuration_nanovision import FUSED_KERNEL_OPS
+
+    assert K.OPS == FUSED_KERNEL_OPS + ("varlen_attention",)
+    assert K.OPS == ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "varlen_attention")
+    dispatch.reset_backends()
+    backends = K.kernel_backends()
+    assert tuple(backends) == K.OPS
+    assert all(b == "triton" for b in backends.values())
+    assert K.describe_backends() == ("nanovision kernels: rms_norm=triton swiglu=triton rope=triton "
+                                     "linear_cross_entropy=triton varlen_attention=triton")
+
+
+def test_forced_eager_backend(monkeypatch):
+    monkeypatch.setenv("NANOVISION_KERNEL_BACKEND", "eager")
+    dispatch.reset_backends()
+    try:
+        assert set(K.kernel_backends().values()) == {"eager"}
+        x = rand(3, 64)
+        torch.testing.assert_close(K.rms_norm(x), rms_norm_reference(x))
+        h, w, labels = rand(10, 16), rand(50, 16, scale=0.5), torch.randint(0, 50, (10,), device=DEVICE)
+        torch.testing.assert_close(K.fused_linear_cross_entropy(h, w, labels),
+                                   linear_cross_entropy_reference(h, w, labels))
+        g, u, w = rand(3, 32), rand(3, 32), rand(8, 32)
+        torch.testing.assert_close(K.swiglu_linear(g, u, w), swiglu_linear_reference(g, u, w))
+        torch.testing.assert_close(K.relu2_linear(u, w), relu2_linear_reference(u, w))
+    finally:
+        monkeypatch.delenv("NANOVISION_KERNEL_BACKEND")
+        dispatch.reset_backends()
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch_compile"])
+def test_fused_rms_norm_autocast_output_on_reference_backends(monkeypatch, backend):
+    """FusedRMSNorm(autocast_output=True) under bf16 autocast through the plain-torch reference: the Triton path's
+    outputs, and its gradients to the precision of the n it rebuilds from the bf16 output."""
+    if backend == "torch_compile" and not dispatch._compile_usable():
+        pytest.skip("torch.compile is not usable here")
+    seed_case("rms_reference_backend")
+    norm = K.FusedRMSNorm(nn.Parameter(rand(64, scale=0.3, offset=1.0)), autocast_output=True)
+    x, r, gy = leaf(rand(3, 5, 64, scale=2.0)), leaf(rand(3, 5, 64)), rand(3, 5, 64).to(BF16)
+
+    def run():
+        with torch.autocast(DEVICE, dtype=BF16):
+            y, s = norm(x, r)
+        assert y.dtype == BF16 and s.dtype == F32
+        return (y, s, *torch.autograd.grad((y.float() * gy.float()).sum() + s.sum(), (x, r, norm.weight)))
+
+    dispatch.reset_backends()
+    expected = run()
+    monkeypatch.setenv("NANOVISION_KERNEL_BACKEND", backend)
+    dispatch.reset_backends()
+    try:
+        actual = run()
+        assert K.kernel_backends()["rms_norm"] == backend  # a failed compile would have switched to eager
+    finally:
+        monkeypatch.delenv("NANOVISION_KERNEL_BACKEND")
+        dispatch.reset_backends()
+    for name, a, e in zip(("y", "s", "dx", "dr", "dw"), actual, expected):
+        assert_close(a, e, F32, name, REBUILT_TOL[BF16])
+
+
+@pytest.mark.skipif(TEST_ON_CUDA, reason="CPU tensors without the interpreter")
+def test_act_linear_falls_back_per_call_without_interpreter(monkeypatch):
+    # triton chosen for the process, but CPU tensors and no interpreter: the call must take the fallback backend
+    dispatch.reset_backends()
+    try:
+        assert K.kernel_backends()["swiglu"] == "triton"
+        monkeypatch.setattr(dispatch, "_interpret", lambda: False)
+        monkeypatch.setattr(dispatch, "_FALLBACK", "eager")  # not torch_compile: no inductor build on a test CPU
+        monkeypatch.setattr(swiglu_ops, "_act_linear_op", None)  # the Triton path would fail loudly
+        g, u, w, b = rand(3, 32), rand(3, 32), rand(8, 32), rand(8)
+        torch.testing.assert_close(K.swiglu_linear(g, u, w, b), swiglu_linear_reference(g, u, w, b))
+        torch.testing.assert_close(K.relu2_linear(u, w, b), relu2_linear_reference(u, w, b))
+    finally:
+        dispatch.reset_backends()
+
+
+def test_public_names_shadow_no_submodule():
+    """`nanovision.kernels.<name>` is what __all__ says it is, never a function hiding a module file of that name."""
+    import importlib.util
+
+    for name in K.__all__:
+        assert importlib.util.find_spec(f"nanovision.kernels.{name}") is None, name
+    assert K.rms_norm.__module__ == "nanovision.kernels.dispatch"
+    assert K.rms_norm is getattr(dispatch, K.rms_norm.__qualname__)  # pickled by name, it stays the dispatching one
+    x = rand(3, 64)
+    torch.testing.assert_close(K.rms_norm(x=x, eps=1e-5), rms_norm_reference(x, eps=1e-5))

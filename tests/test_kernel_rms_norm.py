@@ -1,0 +1,205 @@
+"""The RMSNorm kernels (nanovision/kernels/ops/rms_norm.py) against float64 references (conftest: the device and
+the tolerances)."""
+
+import pytest
+import torch
+from conftest import (
+    BF16,
+    DTYPES,
+    F16,
+    F32,
+    REBUILT_TOL,
+    assert_close,
+    f64,
+    leaf,
+    rand,
+    record_launches,
+    seed_case,
+    tensor_pointers,
+)
+
+pytest.importorskip("triton")
+from nanovision.kernels.ops import rms_norm as rms_norm_ops  # noqa: E402
+from nanovision.kernels.ops.rms_norm import rms_norm as tri_rms_norm, rms_norm_reference  # noqa: E402
+
+
+# --------------------------------------------------------------------------- #
+# RMSNorm
+# --------------------------------------------------------------------------- #
+RMS_SHAPES = [(1, 64), (7, 100), (33, 320), (2, 3, 100)]
+
+
+@pytest.mark.parametrize("shape", RMS_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(poison, shape, dtype, with_weight, with_residual):
+    seed_case("rms", shape, dtype, with_weight, with_residual)
+    _check_rms_norm(shape, dtype, with_weight, with_residual)
+
+
+@pytest.mark.parametrize("out_dtype", [BF16, F16])
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_narrow_output_backward_from_the_output(poison, out_dtype, with_weight, with_residual):
+    """fp32 input, bf16 / fp16 output (autocast_output): the backward rebuilds n = y / w from the output it keeps
+    instead of the fp32 input, so the gradients carry the output's rounding (the projections' precision)."""
+    seed_case("rms_narrow", out_dtype, with_weight, with_residual)
+    _check_rms_norm((33, 320), F32, with_weight, with_residual, out_dtype, REBUILT_TOL[out_dtype])
+
+
+def _check_rms_norm(shape, dtype, with_weight, with_residual, out_dtype=None, grad_tol=None):
+    hidden = shape[-1]
+    x = leaf(rand(*shape, dtype=dtype, scale=2.0, offset=0.5))
+    w = leaf(rand(hidden, dtype=dtype, scale=0.3, offset=1.0)) if with_weight else None
+    r = leaf(rand(*shape, dtype=dtype)) if with_residual else None
+
+    out = tri_rms_norm(x, w, 1e-6, r, out_dtype)
+    x64, w64, r64 = f64(x), (f64(w) if w is not None else None), (f64(r) if r is not None else None)
+    ref = rms_norm_reference(x64, w64, 1e-6, r64)
+
+    if with_residual:
+        (y, s), (y_ref, s_ref) = out, ref
+        assert s.dtype == dtype
+        assert_close(s, s_ref, dtype, "sum")
+    else:
+        y, y_ref = out, ref
+    y_dtype = out_dtype or dtype
+    assert y.dtype == y_dtype and y.shape == x.shape
+    assert_close(y, y_ref, y_dtype, "y")
+
+    gy = rand(*shape, dtype=y_dtype)
+    loss, loss_ref = (y * gy).sum(), (y_ref * gy.double()).sum()
+    if with_residual:
+        gs = rand(*shape, dtype=dtype)
+        loss, loss_ref = loss + (s * gs).sum(), loss_ref + (s_ref * gs.double()).sum()
+    inputs = [t for t in (x, w, r) if t is not None]
+    inputs64 = [t for t in (x64, w64, r64) if t is not None]
+    grads = torch.autograd.grad(loss, inputs)
+    grads_ref = torch.autograd.grad(loss_ref, inputs64)
+    for name, g, gr in zip(("dx", "dw", "dr") if with_weight else ("dx", "dr"), grads, grads_ref):
+        assert g.dtype == dtype
+        assert_close(g, gr, dtype, name, grad_tol)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_out_dtype_rounds_the_fp32_result_once(poison, out_dtype):
+    # what an autocast projection would do with the fp32 output (cast it), done by the kernel's store
+    seed_case("rms_out", out_dtype)
+    x, w, r = leaf(rand(5, 96, scale=2.0)), leaf(rand(96, scale=0.3, offset=1.0)), leaf(rand(5, 96))
+    (y, s), (y32, s32) = tri_rms_norm(x, w, 1e-6, r, out_dtype), tri_rms_norm(x, w, 1e-6, r)
+    assert y.dtype == out_dtype and s.dtype == torch.float32 and torch.equal(s, s32)
+    ref, ref_s = rms_norm_reference(x, w, 1e-6, r, out_dtype)
+    assert torch.equal(ref_s, s) and torch.equal(ref, y32.to(out_dtype))
+    # fp16: the same bits as casting afterwards; bf16: the CPU interpreter rounds toward zero, so within one ulp
+    ulp = 0 if out_dtype == torch.float16 else 2**-7
+    torch.testing.assert_close(y, ref, atol=0, rtol=ulp)
+    # bf16: the backward rebuilds n from the rounded output: the fp32 output's gradients to that precision; fp16 (whose
+    # range cannot hold the floored weight's products) keeps s: the same gradients
+    gy, gs = rand(5, 96).to(out_dtype), rand(5, 96)
+    grads = torch.autograd.grad((y.float() * gy.float()).sum() + (s * gs).sum(), (x, w, r))
+    expected = torch.autograd.grad((y32 * gy.float()).sum() + (s32 * gs).sum(), (x, w, r))
+    for name, g, e in zip(("dx", "dw", "dr"), grads, expected):
+        assert g.dtype == torch.float32
+        if out_dtype == torch.float16:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        else:
+            assert_close(g, e, F32, name, REBUILT_TOL[out_dtype])
+
+
+@pytest.mark.parametrize("tiny", [0.0, 1e-39, -1e-30])
+def test_rms_norm_narrow_output_floors_tiny_weights(poison, tiny):
+    """y / w is undefined where w == 0 (or subnormal): a norm that keeps its bf16 output uses 2^-64 there, so it needs
+    no check of its weight (a host-device sync). The output there is ~n * 2^-64 instead of ~0, and the gradients are
+    the fp32 output's to the output's precision, finite, the weight's included."""
+    seed_case("rms_floor", tiny)
+    x, w, r = leaf(rand(5, 96, scale=2.0)), leaf(rand(96, scale=0.3, offset=1.0)), leaf(rand(5, 96))
+    with torch.no_grad():
+        w[7] = tiny
+    gy, gs = rand(5, 96).to(BF16), rand(5, 96)
+    (y, s), (y32, s32) = tri_rms_norm(x, w, 1e-6, r, BF16), tri_rms_norm(x, w, 1e-6, r)
+    n = rms_norm_reference(x, None, 1e-6, r)[0].detach()
+    torch.testing.assert_close(y[:, 7].float(), n[:, 7] * rms_norm_ops.WEIGHT_FLOOR, atol=0, rtol=2**-7)
+    mask = torch.ones(96, dtype=torch.bool, device=w.device)
+    mask[7] = False
+    torch.testing.assert_close(y[:, mask].float(), y32[:, mask], atol=0, rtol=2**-7)
+    grads = torch.autograd.grad((y.float() * gy.float()).sum() + (s * gs).sum(), (x, w, r))
+    expected = torch.autograd.grad((y32 * gy.float()).sum() + (s32 * gs).sum(), (x, w, r))
+    for name, g, e in zip(("dx", "dw", "dr"), grads, expected):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, e, F32, name, REBUILT_TOL[BF16])
+    assert abs(grads[1][7] - expected[1][7]) <= REBUILT_TOL[BF16] * expected[1].abs().max()  # the floored entry
+
+
+def test_rms_norm_matches_eager_fp32_and_many_rows(poison):
+    # more rows than one backward program covers -> exercises the partial dW reduction
+    seed_case("rms_many")
+    x = leaf(rand(300, 64))
+    w = leaf(rand(64, scale=0.3, offset=1.0))
+    y = tri_rms_norm(x, w, 1e-5)
+    x2, w2 = leaf(x), leaf(w)
+    y_ref = rms_norm_reference(x2, w2, 1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    gy = rand(300, 64)
+    g = torch.autograd.grad((y * gy).sum(), (x, w))
+    gr = torch.autograd.grad((y_ref * gy).sum(), (x2, w2))
+    torch.testing.assert_close(g[0], gr[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g[1], gr[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "transposed"])
+def test_rms_norm_non_contiguous(poison, layout):
+    seed_case("rms_nc", layout)
+    if layout == "row_strided":
+        base = rand(9, 128)
+        x, r = base[:, :100], rand(9, 160)[:, 30:130]
+    else:
+        x, r = rand(100, 9).t(), rand(100, 9).t()
+    assert not x.is_contiguous()
+    x, r = x.detach().requires_grad_(True), r.detach().requires_grad_(True)
+    w = leaf(rand(100, scale=0.3, offset=1.0))
+    y, s = tri_rms_norm(x, w, 1e-6, r)
+    x64, w64, r64 = f64(x), f64(w), f64(r)
+    y_ref, s_ref = rms_norm_reference(x64, w64, 1e-6, r64)
+    assert_close(y, y_ref, F32, "y")
+    assert_close(s, s_ref, F32, "s")
+    gy = rand(100, 9).t()  # non-contiguous upstream gradient too
+    g = torch.autograd.grad((y * gy).sum() + s.sum(), (x, w, r))
+    gr = torch.autograd.grad((y_ref * gy.double()).sum() + s_ref.sum(), (x64, w64, r64))
+    for name, a, b in zip(("dx", "dw", "dr"), g, gr):
+        assert_close(a, b, F32, name)
+
+
+def test_rms_norm_residual_only_sum_used(poison):
+    # gradient flows only through the returned sum: normed output unused
+    seed_case("rms_sum_only")
+    x, r = leaf(rand(5, 64)), leaf(rand(5, 64))
+    _, s = tri_rms_norm(x, None, 1e-6, r)
+    gx, gr = torch.autograd.grad(s.sum() * 3.0, (x, r))
+    torch.testing.assert_close(gx, torch.full_like(gx, 3.0))
+    torch.testing.assert_close(gr, torch.full_like(gr, 3.0))
+
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_forward_passes_the_input_once(monkeypatch, with_weight):
+    """Only the X argument of the forward kernel points at x: torch.compile copies a tensor once for every Triton
+    argument that aliases it, so the unused residual / sum / weight pointers must be buffers of their own."""
+    launches = record_launches(monkeypatch, rms_norm_ops)
+    x = rand(6, 64)
+    tri_rms_norm(x, rand(64) if with_weight else None, 1e-6)
+    (args,) = launches
+    same_memory = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.data_ptr() == x.data_ptr()]
+    assert same_memory == [0]
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_backward_passes_each_tensor_once(monkeypatch, with_weight):
+    """Likewise in the backward: without a weight or a gradient of the sum, those pointers get buffers of their own."""
+    launches = record_launches(monkeypatch, rms_norm_ops)
+    x = leaf(rand(6, 64))
+    y = tri_rms_norm(x, leaf(rand(64)) if with_weight else None, 1e-6)
+    y.backward(rand(6, 64))
+    forward, backward = launches
+    pointers = tensor_pointers(backward)
+    assert len(set(pointers)) == len(pointers)
