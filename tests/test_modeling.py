@@ -14,13 +14,11 @@ from conftest import (
     tiny_vlm_config,
 )
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
-import nanovision
 from nanovision import (
     NanoVisionForCausalLM,
     NanoVisionForConditionalGeneration,
-    NanoVisionTextConfig,
     NanoVisionTextModel,
 )
 from nanovision.modeling_nanovision import NanoVisionDecoderLayer
@@ -39,52 +37,6 @@ def build(block="llama", attn="eager", seed=0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return randomize(model, seed=seed).eval()
-
-
-# ---------------------------------------------------------------- config
-
-
-@pytest.mark.parametrize(
-    "overrides, field",
-    [
-        (dict(hidden_size=65), "hidden_size"),
-        (dict(num_key_value_heads=3), "num_key_value_heads"),
-        (dict(mlp_type="gelu"), "mlp_type"),
-        (dict(qk_norm="l2"), "qk_norm"),
-        (dict(vocab_size=0), "vocab_size"),
-        (dict(num_hidden_layers=-1), "num_hidden_layers"),
-        (dict(intermediate_size=2.5), "intermediate_size"),
-        (dict(head_dim=15), "head_dim"),
-        (dict(rms_norm_eps=0.0), "rms_norm_eps"),
-        (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
-        (dict(use_fused_kernels=["rmsnorm"]), "use_fused_kernels"),
-    ],
-)
-def test_invalid_text_config_names_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field):
-        tiny_text_config(**overrides)
-
-
-def test_config_round_trip_and_auto_config(tmp_path):
-    config = tiny_text_config(**BLOCKS["nanochat"])
-    config.save_pretrained(tmp_path)
-    loaded = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, NanoVisionTextConfig)
-    for key in ("mlp_type", "qk_norm", "norm_weights", "embedding_norm", "final_logit_softcapping", "head_dim"):
-        assert getattr(loaded, key) == getattr(config, key)
-    assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
-
-
-def test_presets_follow_nanochat_depth_scaling():
-    d20 = nanovision.presets.text_config(depth=20)
-    assert (d20.hidden_size, d20.num_hidden_layers, d20.num_attention_heads, d20.num_key_value_heads) == (1280, 20, 10, 5)
-    assert (d20.head_dim, d20.intermediate_size, d20.mlp_type, d20.tie_word_embeddings) == (128, 3456, "swiglu", False)
-    original = nanovision.presets.nanochat_config(depth=12)
-    assert (original.hidden_size, original.num_key_value_heads, original.num_attention_heads) == (768, 6, 6)
-    assert (original.mlp_type, original.qk_norm, original.final_logit_softcapping) == ("relu2", "parameter_free", 15.0)
-    assert original.norm_weights is False and original.embedding_norm is True
-    odd = nanovision.presets.text_config(depth=6, head_dim=64)  # 6 heads -> 3 kv heads
-    assert odd.num_attention_heads % odd.num_key_value_heads == 0
 
 
 def test_nanochat_init_zeroes_output_projections():
