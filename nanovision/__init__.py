@@ -26,7 +26,7 @@ AutoModel.register(NanoVisionTextConfig, NanoVisionTextModel)
 AutoModelForCausalLM.register(NanoVisionTextConfig, NanoVisionForCausalLM)
 AutoModel.register(NanoVisionConfig, NanoVisionModel)
 AutoModelForImageTextToText.register(NanoVisionConfig, NanoVisionForConditionalGeneration)
-AutoImageProcessor.register(NanoVisionConfig, slow_image_processor_class=NanoVisionImageProcessor)
+AutoImageProcessor.register(NanoVisionConfig, image_processor_classes={"pil": NanoVisionImageProcessor})
 AutoProcessor.register(NanoVisionConfig, NanoVisionProcessor)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
     transformers.AutoModelForVision2Seq.register(NanoVisionConfig, NanoVisionForConditionalGeneration)

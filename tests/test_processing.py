@@ -5,6 +5,7 @@ import io
 import json
 import pathlib
 import random
+import re
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ def test_defaults_and_output_format():
     ip = NanoVisionImageProcessor()
     assert ip.size == {"height": 224, "width": 224}
     assert ip.resample == int(Image.Resampling.BICUBIC)
-    assert ip.image_mean == [0.5, 0.5, 0.5] and ip.image_std == [0.5, 0.5, 0.5]
+    assert list(ip.image_mean) == [0.5, 0.5, 0.5] and list(ip.image_std) == [0.5, 0.5, 0.5]  # tuples in transformers
     assert ip.model_input_names == ["pixel_values"]
     out = ip([solid((255, 255, 255)), solid((0, 0, 0))])
     assert isinstance(out, BatchFeature)
@@ -290,7 +291,7 @@ def test_processor_attributes(processor):
     assert processor.image_end_token == "<|image_end|>" and processor.image_end_token_id == END_ID
     assert processor.num_image_tokens == N_TOKENS
     assert processor.chat_template == processor.tokenizer.chat_template
-    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
+    assert set(processor.model_input_names) == {"input_ids", "attention_mask", "pixel_values"}
 
 
 def test_expansion_exact_image_token_count(processor):
@@ -354,6 +355,82 @@ def test_images_only_and_no_input(processor):
     assert set(out) == {"pixel_values"} and out["pixel_values"].shape == (2, 3, SIZE, SIZE)
     with pytest.raises(ValueError, match="provide"):
         processor()
+
+
+BAD_TEXTS = {
+    "int": (5, TypeError, r"text must be a str or a non-empty list of str.*got int"),
+    "float": (1.5, TypeError, r"got float"),
+    "dict": ({"text": "<image>"}, TypeError, r"got dict"),
+    "bytes": (b"<image>", TypeError, r"got bytes"),
+    "empty_list": ([], TypeError, r"got an empty list"),
+    "list_of_lists": ([["a cat"]], TypeError, r"text\[0\] must be a str, got list"),
+    "none_in_list": (["a cat", None], TypeError, r"text\[1\] must be a str, got NoneType"),
+    "token_ids": ([[1, 2, 3]], TypeError, r"text\[0\] must be a str"),
+    "empty_str": ("", ValueError, r"text is empty"),
+    "empty_in_batch": (["a cat", ""], ValueError, r"text\[1\] is empty"),
+}
+
+
+@pytest.mark.parametrize("with_images", [False, True])
+@pytest.mark.parametrize("case", sorted(BAD_TEXTS))
+def test_bad_text_names_the_argument(processor, case, with_images):
+    text, error, pattern = BAD_TEXTS[case]
+    images = [solid((0, 0, 0))] if with_images else None
+    with pytest.raises(error, match=pattern):
+        processor(text=text, images=images)
+
+
+BAD_IMAGES = {
+    "nan_float": (np.full((4, 4, 3), np.nan, dtype=np.float32), ValueError, "NaN or infinite"),
+    "inf_float": (np.full((4, 4), np.inf), ValueError, "NaN or infinite"),
+    "nan_tensor": (torch.full((3, 4, 4), float("nan")), ValueError, "NaN or infinite"),
+    "two_channels": (np.zeros((6, 6, 2), dtype=np.uint8), ValueError, "1, 3 or 4 channels"),
+    "five_channels_chw": (torch.zeros(5, 6, 7), ValueError, "1, 3 or 4 channels"),
+    "one_d": (np.zeros(5, dtype=np.uint8), ValueError, "1D"),
+    "four_d": (np.zeros((2, 3, 4, 5), dtype=np.uint8), ValueError, "4D"),
+    "zero_size": (np.zeros((0, 5, 3), dtype=np.uint8), ValueError, "empty image"),
+    "complex_dtype": (np.zeros((4, 4), dtype=np.complex64), ValueError, "dtype complex64"),
+    "string_dtype": (np.array([["a", "b"], ["c", "d"]]), ValueError, "dtype <U1"),
+    "int": (42, TypeError, "unsupported image type int"),
+    "dict": ({"url": "x.png"}, TypeError, "unsupported image type dict"),
+    "object": (object(), TypeError, "unsupported image type object"),
+    "none": (None, ValueError, "is None"),
+    "not_a_path": ("no/such/picture.png", FileNotFoundError, "no/such/picture.png"),
+    "not_base64": ("data:image/png;base64,@@@@", ValueError, "data URI"),
+    "bytes_not_an_image": (b"hello", ValueError, "could not decode image bytes"),
+}
+
+
+@pytest.mark.parametrize("entry", ["image_processor", "processor", "processor_per_text"])
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_images_name_the_image_on_every_entry_point(processor, case, entry):
+    image, error, pattern = BAD_IMAGES[case]
+    good = solid((0, 0, 0))
+    # the bad image is the second one: the message must name which
+    if entry == "image_processor":
+        call, where = lambda: processor.image_processor([good, image]), r"images\[1\]"
+    elif entry == "processor":
+        call, where = lambda: processor(text="<image> and <image>", images=[good, image]), r"images\[1\]"
+    else:
+        call, where = lambda: processor(text=["<image>", "<image>"], images=[[good], [image]]), r"images\[1\]\[0\]"
+    with pytest.raises(error, match=pattern) as info:
+        call()
+    assert re.search(where, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("images", [[], (), [[]], [[], []]], ids=["list", "tuple", "nested", "nested_two"])
+def test_empty_image_lists_are_an_error(processor, images):
+    with pytest.raises(ValueError, match="no images were given"):
+        processor.image_processor(images)
+    with pytest.raises(ValueError, match="no images were given.*images=None"):
+        processor(text=["no image"] * max(1, len(images)), images=images)
+
+
+def test_videos_and_audio_are_refused(processor):
+    with pytest.raises(ValueError, match="images and text only"):
+        processor(text="a cat", videos=[np.zeros((2, 4, 4, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="images and text only"):
+        processor(text="a cat", audio=np.zeros(16000))
 
 
 def test_truncation_into_image_raises(processor):
@@ -498,3 +575,26 @@ def test_remote_code_file_is_self_contained():
     allowed = {"__future__", "base64", "io", "os", "re", "urllib", "collections", "typing", "numpy", "PIL",
                "transformers", "torch"}
     assert roots <= allowed, roots - allowed
+
+
+def test_training_data_expands_images_as_the_processor_does(processor):
+    from nanovision.training.data import IGNORE_INDEX, tokenize_caption, tokenize_conversation
+
+    image = solid((255, 0, 0))
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A red cat."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
+        {"role": "assistant", "content": "A dog."},
+    ]
+    example = tokenize_conversation({"messages": messages, "images": [image, image]}, processor)
+    with_images = [dict(m, content=[dict(part, image=image) if part["type"] == "image" else part for part in m["content"]])
+                   if isinstance(m["content"], list) else m for m in messages]  # the processor takes them inline
+    expected = processor.apply_chat_template(with_images, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+    assert example["input_ids"] == expected["input_ids"][0]
+    assert [label != IGNORE_INDEX for label in example["labels"]] == [bool(m) for m in expected["assistant_masks"][0]]
+    caption = tokenize_caption({"caption": "a red cat", "image": image}, processor)
+    prompt = processor.tokenizer.bos_token + processor.image_token + "a red cat" + processor.tokenizer.eos_token
+    assert caption["input_ids"] == processor(text=prompt, images=[image])["input_ids"][0]
+    assert caption["input_ids"].count(IMAGE_ID) == N_TOKENS

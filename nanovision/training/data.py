@@ -55,15 +55,14 @@ def load_stage_dataset(source: str, stage: str, split: str = "train") -> dataset
     return dataset
 
 
-def expand_images(input_ids, labels, tokenizer, num_image_tokens):
-    """Each `<image>` id becomes `<|image_start|>` + `<image>` * num_image_tokens + `<|image_end|>`, unlabelled:
-    the positions the model fills with image embeddings."""
-    image = tokenizer.convert_tokens_to_ids("<image>")
-    block = [tokenizer.convert_tokens_to_ids("<|image_start|>"), *[image] * num_image_tokens,
-             tokenizer.convert_tokens_to_ids("<|image_end|>")]
+def expand_images(input_ids, labels, processor):
+    """Each image placeholder id becomes the ids of the processor's own expansion (`replace_image_token`:
+    `<|image_start|>` + `<image>` * num_image_tokens + `<|image_end|>`), unlabelled: the positions the model fills
+    with image embeddings."""
+    block = processor.tokenizer.encode(processor.replace_image_token(), add_special_tokens=False)
     ids, targets = [], []
     for token, label in zip(input_ids, labels):
-        if token == image:
+        if token == processor.image_token_id:
             ids += block
             targets += [IGNORE_INDEX] * len(block)
         else:
@@ -78,21 +77,22 @@ def tokenize_text(example, tokenizer):
     return {"input_ids": ids, "labels": ids}
 
 
-def tokenize_caption(example, tokenizer, num_image_tokens):
+def tokenize_caption(example, processor):
     """`<|bos|><image>caption<|end|>`; only the caption and its end token are learned."""
+    tokenizer = processor.tokenizer
     caption = tokenizer(example["caption"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    prompt = [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<image>")]
-    ids, labels = expand_images(prompt + caption, [IGNORE_INDEX] * len(prompt) + caption, tokenizer, num_image_tokens)
+    prompt = [tokenizer.bos_token_id, processor.image_token_id]
+    ids, labels = expand_images(prompt + caption, [IGNORE_INDEX] * len(prompt) + caption, processor)
     return {"input_ids": ids, "labels": labels, "images": [example["image"]]}
 
 
-def tokenize_conversation(example, tokenizer, num_image_tokens):
+def tokenize_conversation(example, processor):
     """The chat template renders the conversation; only assistant turns (with their end token) are learned."""
-    rendered = tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True)
+    rendered = processor.tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=True,
+                                                       return_assistant_tokens_mask=True)
     ids = rendered["input_ids"]
     labels = [token if keep else IGNORE_INDEX for token, keep in zip(ids, rendered["assistant_masks"])]
-    ids, labels = expand_images(ids, labels, tokenizer, num_image_tokens)
+    ids, labels = expand_images(ids, labels, processor)
     num_placeholders = sum(part.get("type") == "image" for message in example["messages"]
                            if isinstance(message["content"], list) for part in message["content"])
     if num_placeholders != len(example["images"]):
@@ -100,13 +100,16 @@ def tokenize_conversation(example, tokenizer, num_image_tokens):
     return {"input_ids": ids, "labels": labels, "images": list(example["images"])}
 
 
-def tokenize_for_stage(dataset: datasets.Dataset, stage: str, tokenizer, num_image_tokens: int | None = None,
+def tokenize_for_stage(dataset: datasets.Dataset, stage: str, tokenizer, processor=None,
                        num_proc: int | None = None) -> datasets.Dataset:
+    """`processor` (a NanoVisionProcessor, whose tokenizer is used) is needed by the vision and sft stages."""
     require_columns(dataset, stage)
     if stage == "base":
         function, kwargs = tokenize_text, {"tokenizer": tokenizer}
     else:
         function = tokenize_caption if stage == "vision" else tokenize_conversation
-        kwargs = {"tokenizer": tokenizer, "num_image_tokens": num_image_tokens}
+        if processor is None:
+            raise ValueError(f"tokenize_for_stage: the {stage} stage needs the processor, which expands its images")
+        kwargs = {"processor": processor}
     return dataset.map(function, fn_kwargs=kwargs, remove_columns=dataset.column_names, num_proc=num_proc,
                        desc=f"tokenizing ({stage})")

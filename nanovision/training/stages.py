@@ -175,7 +175,7 @@ def build_model(args: StageArguments, tokenizer):
         raise ValueError(f"--model {args.model} is a text model; the sft stage starts from a VLM (run --stage vision).")
     connector = dict(connector_type=args.connector_type, pixel_shuffle_factor=args.pixel_shuffle_factor,
                      connector_position_embedding=args.connector_position_embedding,
-                     image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+                     image_token_id=tokenizer.image_token_id)
     if args.vision_model:
         model = NanoVisionForConditionalGeneration.from_pretrained_components(args.model, args.vision_model, **connector)
     else:
@@ -227,7 +227,7 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
                                    pad_token_id=tokenizer.pad_token_id)
 
     tokenized = tokenize_for_stage(dataset, args.stage, tokenizer,
-                                   model.config.num_image_tokens if is_vlm else None, args.num_proc)
+                                   processor, args.num_proc)
     image_ids = {}
     if is_vlm:
         image_ids = dict(image_token_id=processor.image_token_id, image_start_token_id=processor.image_start_token_id,
