@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -433,3 +434,141 @@ def test_builtin_turns_and_bf16_flags(tmp_path):
 
     assert bf16(True) and not bf16(False)
     assert bf16(None) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("learning_rate", 0.0, "--learning_rate must be a positive number, got 0.0"),
+    ("learning_rate", -3e-3, "--learning_rate must be a positive number"),
+    ("lm_lr", -1.0, "--lm_lr must be a positive number"),
+    ("connector_lr", 0.0, "--connector_lr must be a positive number"),
+    ("vision_lr", float("nan"), "--vision_lr must be a positive number"),
+    ("muon_lr", -0.02, "--muon_lr must be a positive number"),
+    ("tower_pretrain_lr", float("inf"), "--tower_pretrain_lr must be a positive number"),
+    ("max_steps", 0, "--max_steps 0 trains nothing"),
+    ("max_steps", -5, "--max_steps -5 trains nothing"),
+    ("num_train_epochs", 0.0, "--num_train_epochs must be positive, got 0.0"),
+    ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be at least 1, got 0"),
+    ("per_device_train_batch_size", 0, "--device_batch_size must be at least 1, got 0"),
+    ("pack_max_length", -8, "--pack_max_length must be at least 1, got -8"),
+    ("builtin_train_size", 0, "--builtin_train_size must be at least 1"),
+    ("depth", 0, "--depth must be at least 1"),
+    ("save_total_limit", 0, "--save_total_limit must be at least 1"),
+    ("save_steps", -1, "--save_steps must be positive"),
+    ("weight_decay", -0.1, "--weight_decay must be 0 or more"),
+    ("tower_pretrain_steps", -1, "--tower_pretrain_steps must be 0 or more"),
+])
+def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, flag, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check(tmp_path, "base", **{flag: value})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "0"], "--max_steps 0 trains nothing"),
+    (["--device_batch_size", "0"], "--device_batch_size must be at least 1"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
+    (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+])
+def test_the_cli_refuses_bad_flags_before_any_work(tmp_path, flags, message):
+    from nanovision.cli import main
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        main(["train", "--stage", "base", "--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_flags_keep_nanovisions_names_and_defaults(tmp_path):
+    args, training_args = argument_parser().parse_args_into_dataclasses(
+        ["--stage", "sft", "--output_dir", str(tmp_path), "--device_batch_size", "3", "--warmup", "0", "--compile",
+         "--optim", "muon", "--bf16"])
+    assert (training_args.per_device_train_batch_size, training_args.warmup_steps) == (3, 0)
+    assert training_args.torch_compile and training_args.bf16 and training_args.use_muon
+    assert args.train_modules == "vision_tower,connector,language_model"
+    _, defaults = argument_parser().parse_args_into_dataclasses(["--stage", "base", "--output_dir", str(tmp_path)])
+    assert (defaults.learning_rate, defaults.lr_scheduler_type, defaults.warmup_steps, defaults.num_train_epochs,
+            defaults.seed, defaults.save_total_limit) == (3e-3, "cosine", 0.05, 1.0, 0, 2)
+    assert defaults.optim == "adamw_torch_fused" and not defaults.use_muon and not defaults.remove_unused_columns
+
+
+@pytest.mark.parametrize("name", ["vision", "sft"])
+def test_vision_and_sft_stages_need_a_model(tmp_path, name):
+    with pytest.raises(ValueError, match=f"--stage {name} needs --model"):
+        check(tmp_path, name)
+
+
+@pytest.fixture
+def text_model(tmp_path):
+    from conftest import tiny_text_config
+
+    from nanovision.modeling_nanovision import NanoVisionForCausalLM
+
+    NanoVisionForCausalLM(tiny_text_config()).save_pretrained(tmp_path / "text")
+    return str(tmp_path / "text")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("model", "--model {path}: no such folder"),
+    ("tokenizer", "--tokenizer {path}: no such folder"),
+    ("vision_model", "--vision_model {path}: no such folder"),
+    ("resume_from_checkpoint", "--resume_from_checkpoint {path}: not a Trainer checkpoint"),
+    ("dataset", "--dataset {path}: no such file or folder"),
+])
+def test_paths_that_do_not_exist_are_named(tmp_path, text_model, flag, message):
+    path = str(tmp_path / "nowhere" / "final")
+    with pytest.raises(ValueError, match=re.escape(message.format(path=path))):
+        check(tmp_path, "vision", **{"model": text_model, flag: path})
+    with pytest.raises(ValueError, match=re.escape(f"--model {tmp_path}: the folder has no config.json")):
+        check(tmp_path, "base", model=str(tmp_path))
+
+
+def test_vision_model_must_be_a_complete_siglip_tower(pipeline, tmp_path):
+    from conftest import TINY_VISION
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    base, vision, _ = pipeline
+    with pytest.raises(ValueError, match=r"holds a 'nanovision' model, not a SigLIP vision tower"):
+        check(tmp_path, "vision", model=str(base), vision_model=str(vision))
+    with pytest.raises(ValueError, match=r"--model .* is a 'siglip_vision_model' model; the vision stage starts"):
+        SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "siglip")
+        check(tmp_path, "vision", model=str(tmp_path / "siglip"))
+    with pytest.raises(ValueError, match="the sft stage starts from a nanovision VLM"):
+        check(tmp_path, "sft", model=str(base))
+    # a SigLIP folder whose weights lack the encoder: refused, not a randomly initialised tower
+    weights = load_file(tmp_path / "siglip" / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if "encoder" not in name},
+              str(tmp_path / "siglip" / "model.safetensors"))
+    args, _ = stage(tmp_path, "vision", model=str(base), vision_model=str(tmp_path / "siglip"))
+    with pytest.raises(ValueError, match=r"lacks \d+ weights of a SigLIP vision tower"):
+        build_model(args, AutoTokenizer.from_pretrained(base))
+
+
+def test_resume_with_another_dataset_keeps_the_checkpoints_tokenizer(tmp_path, caplog):
+    settings = dict(max_steps=2, save_steps=2, builtin_train_size=60)
+    with caplog.at_level("INFO", logger="nanovision"):
+        run_stage(*stage(tmp_path, "base", **settings))
+    assert "base stage data: 60 examples from builtin, none dropped; packed 60 examples" in caplog.text
+    checkpoint = tmp_path / "base" / "checkpoint-2"
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": f"zebra {i} quokka xylophone {i * 7} jumps"}) + "\n"
+                             for i in range(40)))
+    resumed = run_stage(*stage(tmp_path, "base", **{**settings, "max_steps": 3}, dataset=str(other),
+                               resume_from_checkpoint=str(checkpoint)))
+    assert json.loads((resumed / "training_settings.json").read_text())["steps"] == 3
+    kept = AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    assert AutoTokenizer.from_pretrained(resumed).get_vocab() == kept
+    # a model of other sizes than the checkpoint's would resume partly random
+    with pytest.raises(ValueError, match="holds another model than these flags build"):
+        run_stage(*stage(tmp_path, "base", **settings, depth=3, resume_from_checkpoint=str(checkpoint)))
+
+
+def test_the_stage_log_names_truncation_and_its_flag(tmp_path, caplog):
+    from nanovision.training.packing import PackingStats
+    from nanovision.training.stages import log_data_use
+
+    args, _ = stage(tmp_path, "base", pack_max_length=64)
+    with caplog.at_level("INFO", logger="nanovision"):
+        log_data_use(args, 10, PackingStats(max_length=64, examples_in=10, rows_out=4, tokens=600,
+                                            truncated_examples=3, truncated_tokens=90))
+    record = caplog.records[-1]
+    assert record.levelname == "WARNING" and "10 examples from builtin, none dropped" in record.message
+    assert "truncated 3 examples" in record.message and "raise --pack_max_length" in record.message

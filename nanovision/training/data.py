@@ -20,6 +20,7 @@ IGNORE_INDEX = -100
 STRING_TYPES = ("string", "large_string")
 FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 SHOWN_ROWS = 5  # row numbers an error lists
+NO_VALUES = datasets.Value("null")  # the type of a list column whose lists are all empty (text-only conversations)
 
 
 def _is_string(feature) -> bool:
@@ -53,7 +54,7 @@ def _rows(indices) -> str:
 
 def require_columns(dataset: datasets.Dataset, stage: str, source: str = "the dataset") -> datasets.Dataset:
     """Check that `dataset` has the stage's columns, of the right types and without empty values; returns it with
-    image paths (string columns) cast to `datasets.Image`. Row numbers in errors count from 0."""
+    image paths (string columns) and image lists that are all empty cast to `datasets.Image`. Row numbers in errors count from 0."""
     missing = [column for column in STAGE_COLUMNS[stage] if column not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -64,7 +65,7 @@ def require_columns(dataset: datasets.Dataset, stage: str, source: str = "the da
         feature = dataset.features[column]
         if column == "image" and _is_string(feature):
             dataset = dataset.cast_column(column, datasets.Image())
-        elif column == "images" and _is_list_of(feature, _is_string):
+        elif column == "images" and _is_list_of(feature, lambda item: _is_string(item) or item == NO_VALUES):
             dataset = dataset.cast_column(column, datasets.List(datasets.Image()))
         check, expected = COLUMN_TYPES[column]
         if not check(dataset.features[column]):
@@ -80,16 +81,17 @@ def require_columns(dataset: datasets.Dataset, stage: str, source: str = "the da
             raise ValueError(f"{len(rows)} of {len(table)} rows of {source} have no '{column}' ({_rows(rows)}): fill "
                              "them in or drop them (dataset.filter(...)).")
     if stage == "sft":
-        _check_conversations(table, source)
+        _check_conversations(dataset, pc.list_value_length(table.column("images")).to_pylist(), source)
     return dataset
 
 
-def _check_conversations(table, source: str) -> None:
+def _check_conversations(dataset: datasets.Dataset, num_images: list[int], source: str) -> None:
     """Each conversation needs an assistant turn (SFT learns from assistant turns only: a batch without one has no
     loss) and one image per image part."""
     without_answer, image_mismatch, unknown_roles = [], [], []
-    num_images = pc.list_value_length(table.column("images")).to_pylist()
-    for index, messages in enumerate(table.column("messages").to_pylist()):
+    conversations = (messages for batch in dataset.select_columns(["messages"]).iter(batch_size=1024)
+                     for messages in batch["messages"])
+    for index, messages in enumerate(conversations):
         roles = [message.get("role") for message in messages or []]
         if "assistant" not in roles:
             without_answer.append(index)
@@ -99,7 +101,7 @@ def _check_conversations(table, source: str) -> None:
                     if isinstance(message.get("content"), list) for part in message["content"] if part)
         if parts != num_images[index]:
             image_mismatch.append(index)
-    total = len(table)
+    total = len(num_images)
     if without_answer:
         raise ValueError(f"{len(without_answer)} of {total} conversations in {source} have no assistant turn "
                          f"({_rows(without_answer)}): SFT learns from the assistant's replies only. Add the reply or "
@@ -123,16 +125,18 @@ def builtin_dataset(stage: str, num_train: int, num_test: int, image_size: int, 
                              train_turns=turns, caption_turn=caption_turn)
 
 
-def check_json_lines(path: str) -> None:
-    """Name the file and line of a malformed JSON line (datasets' own error names neither). A .json file may be one
-    JSON document or JSON lines."""
+def count_json_rows(path: str) -> int:
+    """The rows of a .json/.jsonl file, checked first to name the file and line of a malformed JSON line (datasets'
+    own error names neither) and to catch an empty file (datasets fails on it with a bare StopIteration). A .json
+    file may be one JSON document or JSON lines."""
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as file:
             try:
-                json.load(file)
-                return
+                document = json.load(file)
+                return len(document) if isinstance(document, list) else 1
             except json.JSONDecodeError:
                 pass  # JSON lines, or malformed: the line by line check tells
+    rows = 0
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
@@ -145,6 +149,8 @@ def check_json_lines(path: str) -> None:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object; each line holds "
                                  "one row as a JSON object of column values.")
+            rows += 1
+    return rows
 
 
 def load_stage_dataset(source: str, stage: str, split: str = "train") -> datasets.Dataset:
@@ -162,12 +168,11 @@ def load_stage_dataset(source: str, stage: str, split: str = "train") -> dataset
         builder = FILE_BUILDERS.get(os.path.splitext(source)[1])
         if builder is None:
             raise ValueError(f"Cannot tell the format of {source}: use a .parquet, .json, .jsonl or .csv file.")
-        if builder == "json":
-            check_json_lines(source)
-        dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        empty = builder == "json" and count_json_rows(source) == 0
+        dataset = None if empty else datasets.load_dataset(builder, data_files=source, split="train")
     else:
         dataset = datasets.load_dataset(source, split=split)
-    if len(dataset) == 0:
+    if dataset is None or len(dataset) == 0:
         raise ValueError(f"{source} (split {split!r}) has no rows: the {stage} stage needs at least one example.")
     return require_columns(dataset, stage, source)
 
