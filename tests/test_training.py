@@ -22,9 +22,9 @@ from nanovision.training.arguments import argument_parser, validate_arguments
 from nanovision.training.stages import build_model, build_processor, run_stage
 from nanovision.training.trainer import NonFiniteLossError
 
-TINY = dict(builtin_train_size=120, pack_max_length=256, per_device_train_batch_size=2, depth=2, head_dim=32, vocab_size=400,
-            image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, logging_steps=1,
-            save_steps=1000)
+TINY = dict(builtin_train_size=120, pack_max_length=256, per_device_train_batch_size=2, depth=2, head_dim=32,
+            vocab_size=400, image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+            logging_steps=1, save_steps=1000)
 
 
 def stage(tmp_path, name, **overrides):
@@ -448,7 +448,7 @@ def test_builtin_turns_and_bf16_flags(tmp_path):
     ("max_steps", -5, "--max_steps -5 trains nothing"),
     ("num_train_epochs", 0.0, "--num_train_epochs must be positive, got 0.0"),
     ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be at least 1, got 0"),
-    ("per_device_train_batch_size", 0, "--device_batch_size must be at least 1, got 0"),
+    ("per_device_train_batch_size", 0, "--device_batch_size / --per_device_train_batch_size must be at least 1, got 0"),
     ("pack_max_length", -8, "--pack_max_length must be at least 1, got -8"),
     ("builtin_train_size", 0, "--builtin_train_size must be at least 1"),
     ("depth", 0, "--depth must be at least 1"),
@@ -464,7 +464,7 @@ def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, flag, value, m
 
 @pytest.mark.parametrize("flags, message", [
     (["--max_steps", "0"], "--max_steps 0 trains nothing"),
-    (["--device_batch_size", "0"], "--device_batch_size must be at least 1"),
+    (["--device_batch_size", "0"], "--device_batch_size / --per_device_train_batch_size must be at least 1"),
     (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
     (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
 ])

@@ -190,8 +190,8 @@ def _check_starting_models(args: StageArguments) -> None:
         return
     start = AutoConfig.from_pretrained(args.model)
     if args.stage == "sft" and not isinstance(start, NanoVisionConfig):
-        raise ValueError(f"--model {args.model} is a {start.model_type!r} model; the sft stage starts from a nanovision "
-                         "VLM (the vision stage's <output_dir>/final).")
+        raise ValueError(f"--model {args.model} is a {start.model_type!r} model; the sft stage starts from a "
+                         "nanovision VLM (the vision stage's <output_dir>/final).")
     if not isinstance(start, NanoVisionConfig | NanoVisionTextConfig):
         raise ValueError(f"--model {args.model} is a {start.model_type!r} model; the vision stage starts from a "
                          "nanovision text model (the base stage's <output_dir>/final) or a nanovision VLM.")
@@ -212,7 +212,7 @@ def _check_numbers(args: StageArguments, training_args: NanoVisionTrainingArgume
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{name} must be a positive number, got {value}.")
     at_least_one = {
-        "device_batch_size": training_args.per_device_train_batch_size,
+        "device_batch_size / --per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "pack_max_length": args.pack_max_length, "builtin_train_size": args.builtin_train_size,
         "builtin_turns": args.builtin_turns, "tower_pretrain_batch_size": args.tower_pretrain_batch_size,

@@ -54,7 +54,8 @@ def _rows(indices) -> str:
 
 def require_columns(dataset: datasets.Dataset, stage: str, source: str = "the dataset") -> datasets.Dataset:
     """Check that `dataset` has the stage's columns, of the right types and without empty values; returns it with
-    image paths (string columns) and image lists that are all empty cast to `datasets.Image`. Row numbers in errors count from 0."""
+    image paths (string columns) and image lists that are all empty cast to `datasets.Image`. Row numbers in errors
+    count from 0."""
     missing = [column for column in STAGE_COLUMNS[stage] if column not in dataset.column_names]
     if missing:
         raise ValueError(
