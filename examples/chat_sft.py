@@ -1,16 +1,14 @@
 """The sft training stage; runs with python, accelerate launch or torchrun.
 
-    python examples/chat_sft.py --output_dir out/sft [--model ...] [any StageArguments flag]
+    python examples/chat_sft.py --output_dir out/sft [--model ...] [any `nanovision train` flag]
 """
 
 import logging
 import sys
 
-from transformers import HfArgumentParser
-
-from nanovision.training.stages import StageArguments, run_stage
+from nanovision.training.arguments import argument_parser
+from nanovision.training.stages import run_stage
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    (args,) = HfArgumentParser(StageArguments).parse_args_into_dataclasses(["--stage", "sft", *sys.argv[1:]])
-    run_stage(args)
+    run_stage(*argument_parser().parse_args_into_dataclasses(["--stage", "sft", *sys.argv[1:]]))

@@ -22,12 +22,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     if args.command == "train":
-        from transformers import HfArgumentParser
+        from .training.arguments import argument_parser
+        from .training.stages import run_stage
 
-        from .training.stages import StageArguments, run_stage
-
-        (stage_args,) = HfArgumentParser(StageArguments).parse_args_into_dataclasses(rest)
-        run_stage(stage_args)
+        run_stage(*argument_parser(prog="nanovision train").parse_args_into_dataclasses(rest))
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -730,11 +730,18 @@ class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, Ge
     @classmethod
     def from_pretrained_components(cls, text: str, vision: str, **config_kwargs) -> "NanoVisionForConditionalGeneration":
         """Assemble a VLM from a nanovision text checkpoint and a SigLIP checkpoint (a SiglipModel or
-        SiglipVisionModel folder or Hub id); the connector starts freshly initialised."""
+        SiglipVisionModel folder or Hub id); the connector starts freshly initialised. A checkpoint that lacks
+        weights of its part is refused (transformers would initialise them at random)."""
         vision_config = SiglipVisionConfig.from_pretrained(vision)
         vision_config.vision_use_head = False
-        tower = SiglipVisionModel.from_pretrained(vision, config=vision_config)
-        model = cls.from_text_model(NanoVisionForCausalLM.from_pretrained(text), tower.config, **config_kwargs)
+        tower, tower_info = SiglipVisionModel.from_pretrained(vision, config=vision_config, output_loading_info=True)
+        language, language_info = NanoVisionForCausalLM.from_pretrained(text, output_loading_info=True)
+        for path, part, info in ((vision, "SigLIP vision tower", tower_info), (text, "nanovision text model",
+                                                                                 language_info)):
+            if info["missing_keys"]:
+                raise ValueError(f"{path} lacks {len(info['missing_keys'])} weights of a {part} (e.g. "
+                                 f"{sorted(info['missing_keys'])[:3]}): give a {part} checkpoint.")
+        model = cls.from_text_model(language, tower.config, **config_kwargs)
         model.model.vision_tower.load_state_dict(tower.state_dict())
         return model
 

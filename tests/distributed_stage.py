@@ -1,6 +1,6 @@
 """One training stage for the multi-process tests, run with `python` or `accelerate launch`:
 
-    distributed_stage.py OUTPUT_DIR STAGE '{"StageArguments field": value, ...}'
+    distributed_stage.py OUTPUT_DIR STAGE '{"StageArguments or NanoVisionTrainingArguments field": value, ...}'
 
 Besides `run_stage`'s output it writes OUTPUT_DIR/trained_logits.pt: fixed inputs and the logits of the model as
 trained (still wrapped by DDP/FSDP), for comparison with what `from_pretrained` makes of OUTPUT_DIR/final.
@@ -16,7 +16,8 @@ from accelerate.utils import DistributedType
 from conftest import probe_inputs
 from transformers import TrainerCallback
 
-from nanovision.training.stages import StageArguments, run_stage
+from nanovision.training.arguments import argument_parser
+from nanovision.training.stages import run_stage
 
 
 def allow_fsdp_on_cpu():
@@ -58,5 +59,5 @@ class SaveTrainedLogits(TrainerCallback):
 if __name__ == "__main__":
     output_dir, stage, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     allow_fsdp_on_cpu()
-    run_stage(StageArguments(stage=stage, output_dir=output_dir, **settings),
+    run_stage(*argument_parser().parse_dict({"stage": stage, "output_dir": output_dir, **settings}),
               callbacks=[SaveTrainedLogits(f"{output_dir}/trained_logits.pt")])

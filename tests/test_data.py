@@ -296,3 +296,69 @@ def test_caption_turn_closes_training_conversations():
         ask, reply = many["messages"][-2:]
         assert ask == {"role": "user", "content": [{"type": "text", "text": "Describe the image."}]}
         assert reply["content"][0]["text"] == shapes.caption_scene(many["scene"])
+
+
+# --- the training data checks (nanovision.training.data.load_stage_dataset / require_columns)
+
+USER = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]}
+ANSWER = {"role": "assistant", "content": [{"type": "text", "text": "red"}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("stage, lines, message", [
+    ("base", ['{"text": "a red circle."}', '{"text": "two shapes.",}', '{"text": "x"}'],
+     r"{path}, line 2: not valid JSON \(.*\)"),
+    ("base", ['{"text": "a red circle."}', '["a list", "not a row"]'],
+     r"{path}, line 2: a JSON list, not an object"),
+    ("base", [{"content": "hello"}], r"expects columns \['text'\], but {path} lacks \['text'\]"),
+    ("vision", [{"image": "a.png"}], r"lacks \['caption'\]"),
+    ("base", [{"text": 3}, {"text": 4}], r"Column 'text' of {path} holds Value\('int64'\).*needs a string per row"),
+    ("base", [{"text": "fine"}, {"text": None}, {"text": None}], r"2 of 3 rows of {path} have no 'text' \(rows 1, 2\)"),
+    ("vision", [{"image": "a.png", "caption": ""}], r"1 of 1 rows of {path} have no 'caption' \(row 0\)"),
+    ("sft", [{"messages": [USER, ANSWER], "images": ["a.png"]}, {"messages": [USER], "images": ["a.png"]}],
+     r"1 of 2 conversations in {path} have no assistant turn \(row 1\): SFT learns from the assistant's replies"),
+    ("sft", [{"messages": [USER, ANSWER], "images": ["a.png", "b.png"]}],
+     r"number of {{'type': 'image'}} parts other than their number of images \(row 0\)"),
+    ("sft", [{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+              "images": []}], r"a role other than system, user or assistant \(row 0\)"),
+    ("sft", [{"messages": "hello", "images": []}], r"Column 'messages' of {path} holds .*needs a list of"),
+])
+def test_bad_training_data_is_named_with_its_file_and_rows(tmp_path, stage, lines, message):
+    from nanovision.training.data import load_stage_dataset
+
+    path = write_jsonl(tmp_path / "data.jsonl", lines)
+    with pytest.raises(ValueError, match=message.format(path=re.escape(path))):
+        load_stage_dataset(path, stage)
+
+
+def test_empty_data_and_missing_splits_are_named(tmp_path):
+    from datasets import Dataset
+
+    from nanovision.training.data import load_stage_dataset, tokenize_for_stage
+
+    path = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match=re.escape(f"{path} (split 'train') has no rows")):
+        load_stage_dataset(path, "base")
+    DatasetDict({"validation": Dataset.from_dict({"text": ["a"]})}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"has no split 'train' \(it has \['validation'\]\): pass --dataset_split"):
+        load_stage_dataset(str(tmp_path / "saved"), "base")
+    # the same checks guard data handed to the tokenization directly
+    silent = Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}]], "images": [[]]})
+    with pytest.raises(ValueError, match=r"1 of 1 conversations in the dataset have no assistant turn \(row 0\)"):
+        tokenize_for_stage(silent, "sft", tokenizer=None)
+
+
+def test_good_json_data_loads_with_image_paths_as_images(tmp_path):
+    from nanovision.training.data import load_stage_dataset
+
+    render_scene([{"shape": "circle", "color": "red", "position": "left"}], 32).save(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [USER, ANSWER], "images": [str(tmp_path / "a.png")]}])
+    data = load_stage_dataset(path, "sft")
+    assert data.features["images"] == List(Image()) and data[0]["images"][0].size == (32, 32)
+    whole = tmp_path / "captions.json"  # one JSON document rather than JSON lines
+    whole.write_text(json.dumps([{"image": str(tmp_path / "a.png"), "caption": "a red circle on the left."}]))
+    assert load_stage_dataset(str(whole), "vision")[0]["caption"] == "a red circle on the left."

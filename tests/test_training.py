@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,26 +18,32 @@ from nanovision.processing_nanovision import NanoVisionImageProcessor
 from nanovision.training import trainer as trainer_module
 from nanovision.training.data import load_stage_dataset, tokenize_for_stage
 from nanovision.training.muon import MuonWithAdamW
-from nanovision.training.stages import StageArguments, build_model, build_processor, run_stage
+from nanovision.training.arguments import argument_parser, validate_arguments
+from nanovision.training.stages import build_model, build_processor, run_stage
 from nanovision.training.trainer import NonFiniteLossError
 
-TINY = dict(builtin_train_size=120, pack_max_length=256, device_batch_size=2, depth=2, head_dim=32, vocab_size=400,
-            image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2, logging_steps=1,
-            save_steps=1000)
+TINY = dict(builtin_train_size=120, pack_max_length=256, per_device_train_batch_size=2, depth=2, head_dim=32,
+            vocab_size=400, image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+            logging_steps=1, save_steps=1000)
 
 
 def stage(tmp_path, name, **overrides):
-    return StageArguments(stage=name, output_dir=str(tmp_path / name), **{**TINY, **overrides})
+    """(StageArguments, NanoVisionTrainingArguments) of a tiny run."""
+    return argument_parser().parse_dict({"stage": name, "output_dir": str(tmp_path / name), **TINY, **overrides})
+
+
+def check(tmp_path, name, **overrides):
+    validate_arguments(*stage(tmp_path, name, **overrides))
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """base -> vision -> sft, a few steps each."""
     root = tmp_path_factory.mktemp("pipeline")
-    base = run_stage(stage(root, "base", max_steps=3))
-    vision = run_stage(stage(root, "vision", model=str(base), max_steps=2))
+    base = run_stage(*stage(root, "base", max_steps=3))
+    vision = run_stage(*stage(root, "vision", model=str(base), max_steps=2))
     # the quickstart's sft settings: multi-turn built-in conversations, bf16 autocast (on the CPU too)
-    sft = run_stage(stage(root, "sft", model=str(vision), max_steps=2, train_modules="connector,language_model",
+    sft = run_stage(*stage(root, "sft", model=str(vision), max_steps=2, train_modules="connector,language_model",
                           builtin_turns=3, bf16=True))
     return base, vision, sft
 
@@ -80,7 +87,7 @@ def test_vision_stage_honours_use_fused_kernels_with_either_tower(pipeline, tmp_
     tokenizer = AutoTokenizer.from_pretrained(base)
     for vision_model in (None, str(tmp_path / "siglip")):
         model = build_model(stage(tmp_path, "vision", model=str(base), vision_model=vision_model,
-                                  use_fused_kernels=True), tokenizer)
+                                  use_fused_kernels=True)[0], tokenizer)
         assert model.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy"), vision_model
         assert model.config.text_config.use_fused_kernels is True
 
@@ -110,12 +117,12 @@ def losses(folder):
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "muon"])
 def test_resume_after_a_crash_continues_the_same_run(tmp_path, optim):
     settings = dict(max_steps=6, save_steps=3, builtin_train_size=200, optim=optim)
-    run_stage(stage(tmp_path / "straight", "base", **settings))
+    run_stage(*stage(tmp_path / "straight", "base", **settings))
     with pytest.raises(KeyboardInterrupt):
-        run_stage(stage(tmp_path / "crashed", "base", **settings), callbacks=[CrashAt(4)])
+        run_stage(*stage(tmp_path / "crashed", "base", **settings), callbacks=[CrashAt(4)])
     checkpoint = tmp_path / "crashed" / "base" / "checkpoint-3"
     assert checkpoint.exists() and not (tmp_path / "crashed" / "base" / "checkpoint-6").exists()
-    run_stage(stage(tmp_path / "crashed", "base", resume_from_checkpoint=str(checkpoint), **settings))
+    run_stage(*stage(tmp_path / "crashed", "base", resume_from_checkpoint=str(checkpoint), **settings))
     straight = losses(tmp_path / "straight" / "base" / "checkpoint-6")
     resumed = losses(tmp_path / "crashed" / "base" / "checkpoint-6")
     assert sorted(straight) == list(range(1, 7))
@@ -130,7 +137,7 @@ class KeepOptimizer(TrainerCallback):
 
 def test_muon_takes_the_decoder_matrices_and_the_schedule_reaches_both_optimizers(pipeline, tmp_path):
     keep = KeepOptimizer()
-    run_stage(stage(tmp_path, "sft", model=str(pipeline[1]), optim="muon", muon_lr=0.02, learning_rate=1e-3,
+    run_stage(*stage(tmp_path, "sft", model=str(pipeline[1]), optim="muon", muon_lr=0.02, learning_rate=1e-3,
                     max_steps=3, train_modules="connector,language_model", lr_scheduler_type="linear"),
               callbacks=[keep])
     optimizer = keep.optimizer
@@ -161,7 +168,7 @@ class PoisonWeightsAfterSave(TrainerCallback):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 3.*checkpoint-2"):
-        run_stage(stage(tmp_path, "base", max_steps=6, save_steps=2), callbacks=[PoisonWeightsAfterSave()])
+        run_stage(*stage(tmp_path, "base", max_steps=6, save_steps=2), callbacks=[PoisonWeightsAfterSave()])
     folders = sorted(p.name for p in (tmp_path / "base").glob("checkpoint-*"))
     assert folders == ["checkpoint-2"]
     weights = load_file(tmp_path / "base" / "checkpoint-2" / "model.safetensors")
@@ -180,12 +187,12 @@ def test_push_to_hub_uploads_exactly_the_exported_folder(tmp_path, monkeypatch):
             calls["folder"] = folder_path
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    final = run_stage(stage(tmp_path, "base", max_steps=1, push_to_hub=True, hub_model_id="someone/tiny"))
+    final = run_stage(*stage(tmp_path, "base", max_steps=1, push_to_hub=True, hub_model_id="someone/tiny"))
     assert calls["repo"] == "someone/tiny" and calls["folder"] == str(final)
     assert calls["files"] == sorted(p.name for p in final.iterdir())
     assert "model.safetensors" in calls["files"] and not any("checkpoint" in f for f in calls["files"])
     with pytest.raises(ValueError, match="hub_model_id"):
-        stage(tmp_path, "base", push_to_hub=True)
+        check(tmp_path, "base", push_to_hub=True)
 
 
 def test_missing_columns_name_the_expected_ones(tmp_path):
@@ -197,7 +204,7 @@ def test_missing_columns_name_the_expected_ones(tmp_path):
     with pytest.raises(ValueError, match=r"sft stage expects columns \['messages', 'images'\]"):
         tokenize_for_stage(sft, "sft", tokenizer=None)
     with pytest.raises(ValueError, match="train_modules"):
-        stage(tmp_path, "sft", train_modules="vision,lm")
+        check(tmp_path, "sft", train_modules="vision,lm")
 
 
 def test_load_stage_dataset_opens_files_and_saved_folders(tmp_path):
@@ -211,7 +218,7 @@ def test_load_stage_dataset_opens_files_and_saved_folders(tmp_path):
 
 def test_throughput_and_mfu_are_logged(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "default_peak_flops", lambda: 1e12)
-    final = run_stage(stage(tmp_path, "base", max_steps=3, save_steps=3))
+    final = run_stage(*stage(tmp_path, "base", max_steps=3, save_steps=3))
     logs = [entry for entry in json.loads((tmp_path / "base" / "checkpoint-3" / "trainer_state.json").read_text())[
         "log_history"] if "loss" in entry]
     assert all(entry["tokens_per_second"] > 0 and 0 < entry["mfu"] < 1 for entry in logs[1:])
@@ -221,7 +228,7 @@ def test_throughput_and_mfu_are_logged(tmp_path, monkeypatch):
 REPO = Path(__file__).resolve().parents[1]
 # SGD: Adam's first steps turn float-rounding-sized gradients into full-size updates, which would hide whether two
 # runs really train on the same global batch with the same loss scaling.
-SGD = {"optim": "sgd", "learning_rate": 0.5, "warmup": 0, "max_steps": 3, "save_steps": 3}
+SGD = {"optim": "sgd", "learning_rate": 0.5, "warmup_steps": 0, "max_steps": 3, "save_steps": 3}
 
 
 def train_stage(output_dir, stage_name, settings, accelerate_config=None, *launch_flags):
@@ -260,8 +267,8 @@ def assert_final_is_the_trained_model(run, auto_class, folders=("final",)):
 def test_two_process_ddp_matches_one_process_at_same_global_batch(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    single = train_stage(tmp_path / "p1", "base", {**TINY, **SGD, "device_batch_size": 4})
-    double = train_stage(tmp_path / "p2", "base", {**TINY, **SGD, "device_batch_size": 2}, "ddp.yaml")
+    single = train_stage(tmp_path / "p1", "base", {**TINY, **SGD, "per_device_train_batch_size": 4})
+    double = train_stage(tmp_path / "p2", "base", {**TINY, **SGD, "per_device_train_batch_size": 2}, "ddp.yaml")
     assert_same_training(single, double)
     assert_final_is_the_trained_model(double, AutoModelForCausalLM)
 
@@ -275,18 +282,18 @@ def test_two_process_fsdp2_matches_one_process_and_exports_plain_checkpoints(tmp
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     base = {**TINY, **SGD}
-    single = train_stage(tmp_path / "base1", "base", {**base, "device_batch_size": 4})
-    double = train_stage(tmp_path / "base2", "base", {**base, "device_batch_size": 2}, "fsdp2.yaml")
+    single = train_stage(tmp_path / "base1", "base", {**base, "per_device_train_batch_size": 4})
+    double = train_stage(tmp_path / "base2", "base", {**base, "per_device_train_batch_size": 2}, "fsdp2.yaml")
     assert_same_training(single, double)
     assert_final_is_the_trained_model(double, AutoModelForCausalLM, folders=("final", "checkpoint-3"))
     # the export is the model's own class and remote code, not torch's generated FSDP class and source files
     assert sorted(p.name for p in (double / "final").iterdir()) == sorted(p.name for p in (single / "final").iterdir())
 
-    vlm = run_stage(stage(tmp_path, "vision", model=str(single / "final"), max_steps=1))
+    vlm = run_stage(*stage(tmp_path, "vision", model=str(single / "final"), max_steps=1))
     sft = {**TINY, **SGD, "model": str(vlm), "train_modules": "connector,language_model", "connector_lr": 0.05,
            "builtin_train_size": 200}  # >= 3 global batches of packed rows: no wrapped-around last batch
-    single = train_stage(tmp_path / "sft1", "sft", {**sft, "device_batch_size": 4})
-    double = train_stage(tmp_path / "sft2", "sft", {**sft, "device_batch_size": 2}, "fsdp2.yaml",
+    single = train_stage(tmp_path / "sft1", "sft", {**sft, "per_device_train_batch_size": 4})
+    double = train_stage(tmp_path / "sft2", "sft", {**sft, "per_device_train_batch_size": 2}, "fsdp2.yaml",
                          "--fsdp_state_dict_type", "SHARDED_STATE_DICT")
     assert_same_training(single, double)
     assert_final_is_the_trained_model(double, AutoModelForImageTextToText)
@@ -297,8 +304,8 @@ def test_two_process_fsdp2_matches_one_process_and_exports_plain_checkpoints(tmp
 def test_tower_pretraining_trains_tower_and_connector_only(tmp_path):
     from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective, PreparedCaptions
 
-    base = run_stage(stage(tmp_path, "base", max_steps=2))
-    args = stage(tmp_path, "vision", model=str(base))
+    base = run_stage(*stage(tmp_path, "base", max_steps=2))
+    args, _ = stage(tmp_path, "vision", model=str(base))
     model = build_model(args, AutoTokenizer.from_pretrained(base))
     processor = build_processor(model, AutoTokenizer.from_pretrained(base))
     rows = shapes.caption_dataset(num_train=16, num_test=1, image_size=32)["train"]
@@ -333,8 +340,8 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
     from nanovision.training.tower_pretraining import CaptionWordsCollator, PreparedCaptions
 
     with pytest.raises(ValueError, match="tower_pretrain_steps applies to the vision stage"):
-        StageArguments(stage="sft", output_dir=str(tmp_path), tower_pretrain_steps=5)
-    base = run_stage(stage(tmp_path, "base", max_steps=2))
+        check(tmp_path, "sft", tower_pretrain_steps=5)
+    base = run_stage(*stage(tmp_path, "base", max_steps=2))
     tokenizer = AutoTokenizer.from_pretrained(base)
     rows = shapes.caption_dataset(num_train=2, num_test=1, image_size=32)["train"]
     with pytest.raises(ValueError, match="have no words"):
@@ -342,8 +349,8 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
         prepared = PreparedCaptions(empty, NanoVisionImageProcessor(size={"height": 32, "width": 32}), tokenizer, True)
         CaptionWordsCollator(tokenizer, phrases=True)([prepared[0]])
     # in the stage: the tower moves before alignment; the language model stays frozen
-    plain = run_stage(stage(tmp_path / "plain", "vision", model=str(base), max_steps=1))
-    pretrained = run_stage(stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=3,
+    plain = run_stage(*stage(tmp_path / "plain", "vision", model=str(base), max_steps=1))
+    pretrained = run_stage(*stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=3,
                                  tower_pretrain_batch_size=8))
     plain_weights, pretrained_weights, base_weights = (load_file(p / "model.safetensors")
                                                        for p in (plain, pretrained, base))
@@ -356,9 +363,9 @@ def test_tower_pretraining_errors_and_stage_flag(tmp_path):
 def test_tower_pretraining_phrases_bind_words_within_one_token(tmp_path):
     from nanovision.training.tower_pretraining import CaptionWordsCollator, CaptionWordsObjective, PreparedCaptions
 
-    base = run_stage(stage(tmp_path, "base", max_steps=2))
+    base = run_stage(*stage(tmp_path, "base", max_steps=2))
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = build_model(stage(tmp_path, "vision", model=str(base)), tokenizer)
+    model = build_model(stage(tmp_path, "vision", model=str(base))[0], tokenizer)
     processor = build_processor(model, tokenizer)
     image = shapes.render_scene([{"shape": "circle", "color": "red", "position": "left"}], 32)
     rows = [{"image": image, "caption": "a red circle on the left and a blue square on the right."},
@@ -394,8 +401,8 @@ def test_tower_pretraining_phrases_bind_words_within_one_token(tmp_path):
     assert bound_loss < split_loss  # the objective prefers the image whose token binds the phrase's words
 
     with pytest.raises(ValueError, match="also set --tower_pretrain_steps"):
-        StageArguments(stage="vision", output_dir=str(tmp_path), tower_pretrain_phrases=True)
-    pretrained = run_stage(stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=2,
+        check(tmp_path, "vision", tower_pretrain_phrases=True)
+    pretrained = run_stage(*stage(tmp_path / "pre", "vision", model=str(base), max_steps=1, tower_pretrain_steps=2,
                                  tower_pretrain_batch_size=8, tower_pretrain_phrases=True,
                                  connector_position_embedding=True))
     assert json.loads((pretrained / "config.json").read_text())["connector_position_embedding"] is True
@@ -404,27 +411,164 @@ def test_tower_pretraining_phrases_bind_words_within_one_token(tmp_path):
 
 def test_connector_position_embedding_and_caption_turn_flags(tmp_path):
     with pytest.raises(ValueError, match="connector_position_embedding shapes a new VLM"):
-        StageArguments(stage="sft", output_dir=str(tmp_path), connector_position_embedding=True)
+        check(tmp_path, "sft", connector_position_embedding=True)
     with pytest.raises(ValueError, match="builtin_caption_turn applies to the sft stage"):
-        StageArguments(stage="vision", output_dir=str(tmp_path), builtin_caption_turn=True)
+        check(tmp_path, "vision", builtin_caption_turn=True)
     with pytest.raises(ValueError, match="builtin_caption_turn applies to the sft stage"):
-        StageArguments(stage="sft", output_dir=str(tmp_path), dataset="some/hub-dataset", builtin_caption_turn=True)
-    base = run_stage(stage(tmp_path, "base", max_steps=2))
-    vision = run_stage(stage(tmp_path, "vision", model=str(base), max_steps=1))
+        check(tmp_path, "sft", dataset="some/hub-dataset", builtin_caption_turn=True)
+    base = run_stage(*stage(tmp_path, "base", max_steps=2))
+    vision = run_stage(*stage(tmp_path, "vision", model=str(base), max_steps=1))
     with pytest.raises(ValueError, match="is a VLM built without it"):
-        build_model(stage(tmp_path, "vision", model=str(vision), connector_position_embedding=True),
-                    AutoTokenizer.from_pretrained(vision))
+        check(tmp_path, "vision", model=str(vision), connector_position_embedding=True)
 
 
 def test_builtin_turns_and_bf16_flags(tmp_path):
     with pytest.raises(ValueError, match="builtin_turns applies to the sft stage"):
-        StageArguments(stage="vision", output_dir=str(tmp_path), builtin_turns=3)
+        check(tmp_path, "vision", builtin_turns=3)
     with pytest.raises(ValueError, match="builtin_turns applies to the sft stage"):
-        StageArguments(stage="sft", output_dir=str(tmp_path), dataset="some/hub-dataset", builtin_turns=3)
-    with pytest.raises(ValueError, match="builtin_turns must be >= 1"):
-        StageArguments(stage="sft", output_dir=str(tmp_path), builtin_turns=0)
+        check(tmp_path, "sft", dataset="some/hub-dataset", builtin_turns=3)
+    with pytest.raises(ValueError, match="builtin_turns must be at least 1"):
+        check(tmp_path, "sft", builtin_turns=0)
     def bf16(requested):
-        return StageArguments(stage="base", output_dir=str(tmp_path), bf16=requested).bf16
+        return stage(tmp_path, "base", bf16=requested)[1].bf16
 
     assert bf16(True) and not bf16(False)
     assert bf16(None) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("learning_rate", 0.0, "--learning_rate must be a positive number, got 0.0"),
+    ("learning_rate", -3e-3, "--learning_rate must be a positive number"),
+    ("lm_lr", -1.0, "--lm_lr must be a positive number"),
+    ("connector_lr", 0.0, "--connector_lr must be a positive number"),
+    ("vision_lr", float("nan"), "--vision_lr must be a positive number"),
+    ("muon_lr", -0.02, "--muon_lr must be a positive number"),
+    ("tower_pretrain_lr", float("inf"), "--tower_pretrain_lr must be a positive number"),
+    ("max_steps", 0, "--max_steps 0 trains nothing"),
+    ("max_steps", -5, "--max_steps -5 trains nothing"),
+    ("num_train_epochs", 0.0, "--num_train_epochs must be positive, got 0.0"),
+    ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be at least 1, got 0"),
+    ("per_device_train_batch_size", 0, "--device_batch_size / --per_device_train_batch_size must be at least 1, got 0"),
+    ("pack_max_length", -8, "--pack_max_length must be at least 1, got -8"),
+    ("builtin_train_size", 0, "--builtin_train_size must be at least 1"),
+    ("depth", 0, "--depth must be at least 1"),
+    ("save_total_limit", 0, "--save_total_limit must be at least 1"),
+    ("save_steps", -1, "--save_steps must be positive"),
+    ("weight_decay", -0.1, "--weight_decay must be 0 or more"),
+    ("tower_pretrain_steps", -1, "--tower_pretrain_steps must be 0 or more"),
+])
+def test_out_of_range_flags_are_refused_naming_the_flag(tmp_path, flag, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check(tmp_path, "base", **{flag: value})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "0"], "--max_steps 0 trains nothing"),
+    (["--device_batch_size", "0"], "--device_batch_size / --per_device_train_batch_size must be at least 1"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
+    (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+])
+def test_the_cli_refuses_bad_flags_before_any_work(tmp_path, flags, message):
+    from nanovision.cli import main
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        main(["train", "--stage", "base", "--output_dir", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_flags_keep_nanovisions_names_and_defaults(tmp_path):
+    args, training_args = argument_parser().parse_args_into_dataclasses(
+        ["--stage", "sft", "--output_dir", str(tmp_path), "--device_batch_size", "3", "--warmup", "0", "--compile",
+         "--optim", "muon", "--bf16"])
+    assert (training_args.per_device_train_batch_size, training_args.warmup_steps) == (3, 0)
+    assert training_args.torch_compile and training_args.bf16 and training_args.use_muon
+    assert args.train_modules == "vision_tower,connector,language_model"
+    _, defaults = argument_parser().parse_args_into_dataclasses(["--stage", "base", "--output_dir", str(tmp_path)])
+    assert (defaults.learning_rate, defaults.lr_scheduler_type, defaults.warmup_steps, defaults.num_train_epochs,
+            defaults.seed, defaults.save_total_limit) == (3e-3, "cosine", 0.05, 1.0, 0, 2)
+    assert defaults.optim == "adamw_torch_fused" and not defaults.use_muon and not defaults.remove_unused_columns
+
+
+@pytest.mark.parametrize("name", ["vision", "sft"])
+def test_vision_and_sft_stages_need_a_model(tmp_path, name):
+    with pytest.raises(ValueError, match=f"--stage {name} needs --model"):
+        check(tmp_path, name)
+
+
+@pytest.fixture
+def text_model(tmp_path):
+    from conftest import tiny_text_config
+
+    from nanovision.modeling_nanovision import NanoVisionForCausalLM
+
+    NanoVisionForCausalLM(tiny_text_config()).save_pretrained(tmp_path / "text")
+    return str(tmp_path / "text")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("model", "--model {path}: no such folder"),
+    ("tokenizer", "--tokenizer {path}: no such folder"),
+    ("vision_model", "--vision_model {path}: no such folder"),
+    ("resume_from_checkpoint", "--resume_from_checkpoint {path}: not a Trainer checkpoint"),
+    ("dataset", "--dataset {path}: no such file or folder"),
+])
+def test_paths_that_do_not_exist_are_named(tmp_path, text_model, flag, message):
+    path = str(tmp_path / "nowhere" / "final")
+    with pytest.raises(ValueError, match=re.escape(message.format(path=path))):
+        check(tmp_path, "vision", **{"model": text_model, flag: path})
+    with pytest.raises(ValueError, match=re.escape(f"--model {tmp_path}: the folder has no config.json")):
+        check(tmp_path, "base", model=str(tmp_path))
+
+
+def test_vision_model_must_be_a_complete_siglip_tower(pipeline, tmp_path):
+    from conftest import TINY_VISION
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    base, vision, _ = pipeline
+    with pytest.raises(ValueError, match=r"holds a 'nanovision' model, not a SigLIP vision tower"):
+        check(tmp_path, "vision", model=str(base), vision_model=str(vision))
+    with pytest.raises(ValueError, match=r"--model .* is a 'siglip_vision_model' model; the vision stage starts"):
+        SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "siglip")
+        check(tmp_path, "vision", model=str(tmp_path / "siglip"))
+    with pytest.raises(ValueError, match="the sft stage starts from a nanovision VLM"):
+        check(tmp_path, "sft", model=str(base))
+    # a SigLIP folder whose weights lack the encoder: refused, not a randomly initialised tower
+    weights = load_file(tmp_path / "siglip" / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if "encoder" not in name},
+              str(tmp_path / "siglip" / "model.safetensors"))
+    args, _ = stage(tmp_path, "vision", model=str(base), vision_model=str(tmp_path / "siglip"))
+    with pytest.raises(ValueError, match=r"lacks \d+ weights of a SigLIP vision tower"):
+        build_model(args, AutoTokenizer.from_pretrained(base))
+
+
+def test_resume_with_another_dataset_keeps_the_checkpoints_tokenizer(tmp_path, caplog):
+    settings = dict(max_steps=2, save_steps=2, builtin_train_size=60)
+    with caplog.at_level("INFO", logger="nanovision"):
+        run_stage(*stage(tmp_path, "base", **settings))
+    assert "base stage data: 60 examples from builtin, none dropped; packed 60 examples" in caplog.text
+    checkpoint = tmp_path / "base" / "checkpoint-2"
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": f"zebra {i} quokka xylophone {i * 7} jumps"}) + "\n"
+                             for i in range(40)))
+    resumed = run_stage(*stage(tmp_path, "base", **{**settings, "max_steps": 3}, dataset=str(other),
+                               resume_from_checkpoint=str(checkpoint)))
+    assert json.loads((resumed / "training_settings.json").read_text())["steps"] == 3
+    kept = AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    assert AutoTokenizer.from_pretrained(resumed).get_vocab() == kept
+    # a model of other sizes than the checkpoint's would resume partly random
+    with pytest.raises(ValueError, match="holds another model than these flags build"):
+        run_stage(*stage(tmp_path, "base", **settings, depth=3, resume_from_checkpoint=str(checkpoint)))
+
+
+def test_the_stage_log_names_truncation_and_its_flag(tmp_path, caplog):
+    from nanovision.training.packing import PackingStats
+    from nanovision.training.stages import log_data_use
+
+    args, _ = stage(tmp_path, "base", pack_max_length=64)
+    with caplog.at_level("INFO", logger="nanovision"):
+        log_data_use(args, 10, PackingStats(max_length=64, examples_in=10, rows_out=4, tokens=600,
+                                            truncated_examples=3, truncated_tokens=90))
+    record = caplog.records[-1]
+    assert record.levelname == "WARNING" and "10 examples from builtin, none dropped" in record.message
+    assert "truncated 3 examples" in record.message and "raise --pack_max_length" in record.message

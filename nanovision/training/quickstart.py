@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .evaluate import evaluate_checkpoint
-from .stages import StageArguments, run_stage
+from .arguments import argument_parser
+from .stages import run_stage
 from .trainer import cpu_has_fast_bf16, write_model_card
 
 logger = logging.getLogger("nanovision")
@@ -17,36 +18,31 @@ logger = logging.getLogger("nanovision")
 # Each stage's settings; the model: nanochat's block, 4 layers of 256 (4 heads of 64) + a 2-layer SigLIP tower on
 # 64x64 images (8px patches, pixel shuffle 2 -> 16 image tokens). nanochat's norm after the embedding also
 # normalises the image embeddings, which keeps the connector's output on the text embeddings' scale.
-# What the accuracy owes to each setting (held-out questions, see benchmarks/RESULTS.md "Quickstart accuracy"):
+# Why each setting (the measurements: benchmarks/RESULTS.md, "Quickstart accuracy" and the Muon section):
 # - the vision stage first pretrains the new tower on caption words (training/tower_pretraining.py) and SFT keeps it
-#   frozen: without that the tiny LM never learns to read the image in this budget (0.37 -> 0.60);
-# - 1200 pretraining steps rather than 300: the tower tells the shapes apart (ranking a present shape word above an
-#   absent one: 0.62 after 300 steps, 0.90 after 1200), while colours are learned almost at once;
+#   frozen: without that the tiny LM never learns to read the image in this budget;
+# - 1200 pretraining steps: colours are learned almost at once, telling the shapes apart takes that long;
 # - the pretraining also matches whole caption phrases to single tokens, and the connector adds a learned embedding
-#   per grid cell: together they lift the questions that bind colour, shape and place ("What color is the shape on
-#   the left?", "Where is the red square?"); either alone does little (0.79 each, 0.85 together, on 2 seeds);
+#   per grid cell: together (either alone does little) they lift the questions that bind colour, shape and place
+#   ("What color is the shape on the left?", "Where is the red square?");
 # - SFT conversations ask three questions per image and end with the caption (held-out ones ask one question);
-#   SFT takes micro-batches of 4 packed rows over three epochs: twice the updates per epoch for the same compute
-#   buys more than epochs do (fp32: 8 rows x 5 epochs 0.98, 8 x 3 0.83, 4 x 3 0.98, 4 x 2.5 0.87, 4 x 2 0.83);
-# - SFT trains the language model's hidden matrices with Muon (lr 0.005; AdamW 2e-3 for embeddings, head, norms and
-#   connector) at constant learning rates: on the GPU 12 of 12 seeds meet both targets (colour >= 0.95, overall
-#   >= 0.965), against 3 of 12 with AdamW and a cosine schedule (6 of 12 with AdamW at constant rates; Muon with
-#   warmup and cosine decay or over two epochs fails seeds too). With AdamW, whether SFT learned to look a place's
-#   attribute up among the image tokens (which encode it in every run) was decided by the seed; with Muon at a
-#   constant rate it did on every seed tried. Muon costs 20-25% more SFT step time on a CPU with AMX, ~35% on one
-#   without bf16 units (where its Newton-Schulz runs in fp32, training/muon.py);
-# - attention runs per packed document (nanovision_varlen): 12% less SFT step time on the CPU than sdpa's
-#   block-diagonal mask, which computes every cross-document pair;
-# - bf16 autocast on CPUs that compute it natively (AVX512-BF16 / AMX): 1.7x the fp32 step rate on 2 cores.
+#   SFT takes micro-batches of 4 packed rows over three epochs: more updates per epoch buy more than more epochs;
+# - SFT trains the language model's hidden matrices with Muon (AdamW for embeddings, head, norms and connector) at
+#   constant learning rates: with AdamW, whether SFT learned to look a place's attribute up among the image tokens
+#   was decided by the seed; with Muon at a constant rate it did on every seed tried. Muon costs some SFT step time
+#   (its Newton-Schulz iterations; in fp32 on CPUs without bf16 units, training/muon.py);
+# - attention runs per packed document (nanovision_varlen), where sdpa's block-diagonal mask computes every
+#   cross-document pair too;
+# - bf16 autocast on CPUs that compute it natively (AVX512-BF16 / AMX).
 STAGES = {
     "base": dict(builtin_train_size=4000, num_train_epochs=2, learning_rate=3e-3, block="nanochat"),
     "vision": dict(builtin_train_size=4000, num_train_epochs=1, learning_rate=3e-3, tower_pretrain_steps=1200,
                    tower_pretrain_phrases=True, connector_position_embedding=True),
     "sft": dict(builtin_train_size=8000, builtin_turns=3, builtin_caption_turn=True, num_train_epochs=3,
-                device_batch_size=4, learning_rate=2e-3, optim="muon", muon_lr=0.005, lr_scheduler_type="constant",
-                warmup=0, train_modules="connector,language_model"),
+                per_device_train_batch_size=4, learning_rate=2e-3, optim="muon", muon_lr=0.005,
+                lr_scheduler_type="constant", warmup_steps=0, train_modules="connector,language_model"),
 }
-DEFAULTS = dict(pack_max_length=512, device_batch_size=8, logging_steps=20, save_steps=10_000,
+DEFAULTS = dict(pack_max_length=512, per_device_train_batch_size=8, logging_steps=20, save_steps=10_000,
                 attn_implementation="nanovision_varlen")
 
 
@@ -56,9 +52,10 @@ def run(output_dir="outputs/quickstart", seed=0, num_test=400, **overrides) -> d
     previous = None
     bf16 = None if torch.cuda.is_available() else cpu_has_fast_bf16()
     for stage, settings in STAGES.items():
-        args = StageArguments(stage=stage, output_dir=str(output_dir / stage), model=previous, seed=seed,
-                              **{**DEFAULTS, "bf16": bf16, **settings, **overrides})
-        previous = str(run_stage(args))
+        arguments = argument_parser().parse_dict({"stage": stage, "output_dir": str(output_dir / stage),
+                                                  "model": previous, "seed": seed, **DEFAULTS, "bf16": bf16,
+                                                  **settings, **overrides})
+        previous = str(run_stage(*arguments))
         logger.info("%s stage finished after %.0f s", stage, time.time() - start)
     scores = evaluate_checkpoint(previous, num_test=num_test, seed=seed)
     settings = json.loads((Path(previous) / "training_settings.json").read_text())

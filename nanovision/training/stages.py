@@ -3,17 +3,17 @@ image-caption pairs, vision tower and LM frozen) and `sft` (multimodal chat SFT)
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
     SiglipVisionConfig,
-    TrainingArguments,
 )
 
 from .. import presets
@@ -22,6 +22,7 @@ from ..kernels import VARLEN_ATTENTION
 from ..modeling_nanovision import NanoVisionForConditionalGeneration
 from ..processing_nanovision import NanoVisionImageProcessor, NanoVisionProcessor
 from ..tokenizer import train_tokenizer
+from .arguments import PARTS, NanoVisionTrainingArguments, StageArguments, validate_arguments
 from .data import builtin_dataset, load_stage_dataset, tokenize_for_stage
 from .packing import PackedDataCollator, pack_dataset
 from .tower_pretraining import pretrain_vision_tower
@@ -29,134 +30,62 @@ from .trainer import NanoVisionTrainer, push_folder_to_hub, write_model_card
 
 logger = logging.getLogger("nanovision")
 
-STAGES = ("base", "vision", "sft")
-PARTS = ("vision_tower", "connector", "language_model")
-DEFAULT_TRAIN_MODULES = {"base": "language_model", "vision": "connector", "sft": "vision_tower,connector,language_model"}
 
-
-@dataclass
-class StageArguments:
-    stage: str = field(metadata={"help": "base | vision | sft"})
-    output_dir: str = field(metadata={"help": "Trainer checkpoints go here; the exported model goes to <output_dir>/final"})
-    dataset: str = field(default="builtin", metadata={"help": "'builtin' (synthetic shapes), a Hub name, a local "
-                                                              "dataset folder or a parquet/json(l)/csv file"})
-    dataset_split: str = "train"
-    model: str | None = field(default=None, metadata={"help": "checkpoint to start from: for base, a text model "
-                                                             "(default: new model from --depth); for vision, the base "
-                                                             "stage's text model or a VLM; for sft, a VLM"})
-    vision_model: str | None = field(default=None, metadata={"help": "vision stage: a SigLIP checkpoint for the tower "
-                                                                    "(default: a new tower from the --vision_* sizes)"})
-    tokenizer: str | None = field(default=None, metadata={"help": "base stage: tokenizer to use (default: train one "
-                                                                 "on the dataset)"})
-    vocab_size: int = 1024
-    block: str = field(default="llama", metadata={"help": "new base model: 'llama' (presets.text_config) or "
-                                                          "'nanochat' (presets.nanochat_config)"})
-    depth: int = 4
-    head_dim: int = 64
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden_size: int = 128
-    vision_layers: int = 2
-    vision_heads: int = 4
-    connector_type: str = "pixel_shuffle"
-    pixel_shuffle_factor: int = 2
-    connector_position_embedding: bool = field(default=False, metadata={
-        "help": "vision stage, new VLM: add a learned embedding per image-token position to the connector's output "
-                "(NanoVisionConfig.connector_position_embedding)"})
-    builtin_train_size: int = 4000
-    builtin_turns: int = field(default=1, metadata={"help": "sft stage, built-in data: questions per image in each "
-                                                            "training conversation (held-out questions stay one)"})
-    tower_pretrain_steps: int = field(default=0, metadata={"help": "vision stage: first pretrain the vision tower and "
-                                                                   "connector this many steps on caption-word "
-                                                                   "classification (training/tower_pretraining.py)"})
-    tower_pretrain_phrases: bool = field(default=False, metadata={
-        "help": "tower pretraining: also match each caption phrase (split at commas and 'and') to the image where "
-                "one token shows all of its words, which binds colour, shape and place in one token"})
-    builtin_caption_turn: bool = field(default=False, metadata={
-        "help": "sft stage, built-in data: end each training conversation with 'Describe the image.' and the "
-                "caption"})
-    tower_pretrain_batch_size: int = 64
-    tower_pretrain_lr: float = 1e-3
-    train_modules: str | None = field(default=None, metadata={"help": "comma list of vision_tower,connector,"
-                                                                     "language_model (default depends on the stage)"})
-    device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    pack_max_length: int = 2048
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    learning_rate: float = 3e-3
-    lm_lr: float | None = field(default=None, metadata={"help": "language model learning rate (default: "
-                                                               "--learning_rate)"})
-    connector_lr: float | None = None
-    vision_lr: float | None = None
-    warmup: float = field(default=0.05, metadata={"help": "warmup steps, or a fraction of the run if < 1"})
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "cosine"
-    optim: str = field(default="adamw_torch_fused", metadata={
-        "help": "an HF Trainer optimizer name, or 'muon': Muon (torch.optim.Muon's update, training/muon.py) for the "
-                "language model's hidden matrices (its decoder layers' 2D weights, at --muon_lr) and fused AdamW for "
-                "the rest (embeddings, LM head, norms, connector, vision tower), as nanochat trains"})
-    muon_lr: float = field(default=0.02, metadata={"help": "--optim muon: the hidden matrices' learning rate "
-                                                           "(nanochat's default)"})
-    attn_implementation: str = "sdpa"
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on a GPU that has bf16; on a "
-                                                              "CPU with AVX512-BF16 or AMX it is worth turning on)"})
-    use_fused_kernels: bool = False
-    compile: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
-    resume_from_checkpoint: str | None = None
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    peak_tflops: float | None = field(default=None, metadata={"help": "bf16 peak for MFU (default: from the GPU name)"})
-    seed: int = 0
-    num_proc: int | None = None
-
-    def __post_init__(self):
-        if self.block not in ("llama", "nanochat"):
-            raise ValueError(f"--block must be 'llama' or 'nanochat', got {self.block!r}.")
-        if self.stage not in STAGES:
-            raise ValueError(f"--stage must be one of {list(STAGES)}, got {self.stage!r}.")
-        modules = self.train_modules or DEFAULT_TRAIN_MODULES[self.stage]
-        unknown = [part for part in modules.split(",") if part not in PARTS]
-        if unknown:
-            raise ValueError(f"--train_modules takes a comma list of {list(PARTS)}, got unknown {unknown}.")
-        if self.stage == "base" and modules != "language_model":
-            raise ValueError("--train_modules: the base stage trains a text model, only 'language_model' applies.")
-        self.train_modules = modules
-        if self.builtin_turns != 1 and (self.stage != "sft" or self.dataset != "builtin"):
-            raise ValueError("--builtin_turns applies to the sft stage on the built-in data (--dataset builtin) only.")
-        if self.builtin_turns < 1:
-            raise ValueError(f"--builtin_turns must be >= 1, got {self.builtin_turns}.")
-        if self.builtin_caption_turn and (self.stage != "sft" or self.dataset != "builtin"):
-            raise ValueError("--builtin_caption_turn applies to the sft stage on the built-in data (--dataset builtin) "
-                             "only.")
-        if self.tower_pretrain_steps and self.stage != "vision":
-            raise ValueError("--tower_pretrain_steps applies to the vision stage (image-caption pairs) only.")
-        if self.tower_pretrain_phrases and not self.tower_pretrain_steps:
-            raise ValueError("--tower_pretrain_phrases changes the tower pretraining: also set --tower_pretrain_steps.")
-        if self.connector_position_embedding and self.stage != "vision":
-            raise ValueError("--connector_position_embedding shapes a new VLM, which the vision stage builds; later "
-                             "stages keep the checkpoint's setting.")
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/nanovision-d4).")
-
-
-def load_tokenizer(args: StageArguments, dataset):
+def load_tokenizer(args: StageArguments, dataset, checkpoint: str | None = None):
+    """The starting model's tokenizer (or --tokenizer); for a new base model one trained on the dataset. A resumed
+    run takes its checkpoint's: the weights there learned those token ids, which a tokenizer trained on other data
+    would change."""
+    if checkpoint:
+        if not os.path.exists(os.path.join(checkpoint, "tokenizer_config.json")):
+            raise ValueError(f"--resume_from_checkpoint {checkpoint} holds no tokenizer, so the run cannot go on with "
+                             "the token ids its weights learned. Resume from a checkpoint that nanovision wrote.")
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        requested = args.tokenizer or args.model
+        if requested and AutoTokenizer.from_pretrained(requested).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"--resume_from_checkpoint {checkpoint} was trained with another tokenizer than "
+                             f"{requested}'s: resume with the --model/--tokenizer of that run.")
+        return tokenizer
     if args.stage != "base" or args.tokenizer or args.model:
         return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     return train_tokenizer(dataset["text"], vocab_size=args.vocab_size, model_max_length=args.pack_max_length)
+
+
+def from_pretrained_complete(auto_class, path: str, **kwargs):
+    """`from_pretrained` that refuses a checkpoint lacking weights the model needs (transformers initialises them at
+    random and only logs it)."""
+    model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"--model {path} lacks {len(missing)} weights of the {type(model).__name__} it configures "
+                         f"(e.g. {missing[:3]}): it is not a complete checkpoint of that model.")
+    return model
+
+
+def check_checkpoint_weights(model, checkpoint: str) -> None:
+    """The Trainer loads a checkpoint's weights without strictness: a model built with other sizes than the run had
+    would resume partly random. Refuse that, naming the difference."""
+    path = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.exists(path):  # sharded (FSDP) checkpoints: their own loader checks them
+        return
+    with safe_open(path, framework="pt") as weights:
+        saved = set(weights.keys())
+    tied = {}  # tied weights are saved once, under one of their names
+    for name, tensor in model.state_dict().items():
+        tied.setdefault(tensor.data_ptr(), []).append(name)
+    missing = [names[0] for names in tied.values() if not saved & set(names)]
+    unexpected = saved - {name for names in tied.values() for name in names}
+    if missing or unexpected:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} holds another model than these flags build (missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}): resume with the model flags "
+                         "(--model, --depth, --vocab_size, ...) of that run.")
 
 
 def build_model(args: StageArguments, tokenizer):
     kwargs = dict(attn_implementation=args.attn_implementation)
     if args.stage == "base":
         if args.model:
-            return AutoModelForCausalLM.from_pretrained(args.model, use_fused_kernels=args.use_fused_kernels, **kwargs)
+            return from_pretrained_complete(AutoModelForCausalLM, args.model,
+                                            use_fused_kernels=args.use_fused_kernels, **kwargs)
         preset = presets.text_config if args.block == "llama" else presets.nanochat_config
         config = preset(
             depth=args.depth, head_dim=args.head_dim, vocab_size=len(tokenizer),
@@ -166,13 +95,8 @@ def build_model(args: StageArguments, tokenizer):
         return AutoModelForCausalLM.from_config(config, **kwargs)
     start = AutoConfig.from_pretrained(args.model)
     if isinstance(start, NanoVisionConfig):
-        if args.connector_position_embedding and not start.connector_position_embedding:
-            raise ValueError(f"--connector_position_embedding: {args.model} is a VLM built without it; the flag shapes "
-                             "a new VLM (start the vision stage from the base stage's text model).")
         start.text_config.use_fused_kernels = args.use_fused_kernels
-        return AutoModelForImageTextToText.from_pretrained(args.model, config=start, **kwargs)
-    if args.stage == "sft":
-        raise ValueError(f"--model {args.model} is a text model; the sft stage starts from a VLM (run --stage vision).")
+        return from_pretrained_complete(AutoModelForImageTextToText, args.model, config=start, **kwargs)
     connector = dict(connector_type=args.connector_type, pixel_shuffle_factor=args.pixel_shuffle_factor,
                      connector_position_embedding=args.connector_position_embedding,
                      image_token_id=tokenizer.image_token_id)
@@ -184,8 +108,8 @@ def build_model(args: StageArguments, tokenizer):
             intermediate_size=4 * args.vision_hidden_size, num_hidden_layers=args.vision_layers,
             num_attention_heads=args.vision_heads,
         )
-        model = NanoVisionForConditionalGeneration.from_text_model(AutoModelForCausalLM.from_pretrained(args.model),
-                                                                   vision_config, **connector)
+        model = NanoVisionForConditionalGeneration.from_text_model(
+            from_pretrained_complete(AutoModelForCausalLM, args.model), vision_config, **connector)
     model.set_attn_implementation(args.attn_implementation)
     if args.use_fused_kernels:  # recorded in the config, so the saved checkpoint loads with them too
         from ..kernels import apply_fused_kernels
@@ -201,25 +125,36 @@ def build_processor(model, tokenizer):
                                tokenizer, num_image_tokens=model.config.num_image_tokens)
 
 
-def run_stage(args: StageArguments, callbacks=None) -> Path:
+def log_data_use(args: StageArguments, num_examples: int, stats) -> None:
+    """What the stage trains on: every row of the dataset (bad rows stop the run before it starts, so none is
+    dropped), and how much packing truncated to --pack_max_length."""
+    fix = "; raise --pack_max_length to train on them whole" if stats.truncated_examples else ""
+    logger.log(logging.WARNING if stats.truncated_examples else logging.INFO, "%s stage data: %d examples from %s, "
+               "none dropped; %s%s", args.stage, num_examples, args.dataset, stats.summary(), fix)
+
+
+def run_stage(args: StageArguments, training_args: NanoVisionTrainingArguments, callbacks=None) -> Path:
     """Train one stage and export `<output_dir>/final`: a `save_pretrained` folder with the tokenizer, the processor
     (vision stages), remote-code files, generation config and a model card. Returns that folder."""
-    torch.manual_seed(args.seed)
+    validate_arguments(args, training_args)
+    torch.manual_seed(training_args.seed)
     if args.dataset == "builtin":
         dataset = builtin_dataset(args.stage, args.builtin_train_size, max(1, args.builtin_train_size // 10),
-                                  args.image_size, seed=args.seed, turns=args.builtin_turns,
+                                  args.image_size, seed=training_args.seed, turns=args.builtin_turns,
                                   caption_turn=args.builtin_caption_turn)["train"]
     else:
         dataset = load_stage_dataset(args.dataset, args.stage, args.dataset_split)
-    tokenizer = load_tokenizer(args, dataset)
+    checkpoint = training_args.resume_from_checkpoint
+    tokenizer = load_tokenizer(args, dataset, checkpoint)
     model = build_model(args, tokenizer)
+    if checkpoint:
+        check_checkpoint_weights(model, checkpoint)
     is_vlm = isinstance(model, NanoVisionForConditionalGeneration)
     processor = build_processor(model, tokenizer) if is_vlm else None
     if args.tower_pretrain_steps:
-        pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, args.output_dir,
-                              batch_size=args.tower_pretrain_batch_size,
-                              learning_rate=args.tower_pretrain_lr, seed=args.seed, bf16=args.bf16,
-                              phrases=args.tower_pretrain_phrases)
+        pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, training_args.output_dir,
+                              batch_size=args.tower_pretrain_batch_size, learning_rate=args.tower_pretrain_lr,
+                              seed=training_args.seed, bf16=training_args.bf16, phrases=args.tower_pretrain_phrases)
     if is_vlm:
         wanted = set(args.train_modules.split(","))
         model.set_trainable(**{part: part in wanted for part in PARTS})
@@ -232,50 +167,42 @@ def run_stage(args: StageArguments, callbacks=None) -> Path:
     if is_vlm:
         image_ids = dict(image_token_id=processor.image_token_id, image_start_token_id=processor.image_start_token_id,
                          image_end_token_id=processor.image_end_token_id, num_image_tokens=processor.num_image_tokens)
-    packed, stats = pack_dataset(tokenized, args.pack_max_length, args.num_proc, **image_ids)
+    packed, stats = pack_dataset(tokenized, args.pack_max_length, args.num_proc, log_stats=False, **image_ids)
+    log_data_use(args, len(dataset), stats)
     collator = PackedDataCollator(pad_token_id=tokenizer.pad_token_id, max_length=args.pack_max_length,
                                   image_processor=processor.image_processor if is_vlm else None,
                                   return_flash_attn_kwargs=args.attn_implementation.startswith("flash")
                                   or args.attn_implementation == VARLEN_ATTENTION)
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir, per_device_train_batch_size=args.device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup, weight_decay=args.weight_decay,
-        max_steps=args.max_steps, num_train_epochs=args.num_train_epochs,
-        optim="adamw_torch_fused" if args.optim == "muon" else args.optim, bf16=args.bf16,
-        torch_compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-        logging_steps=args.logging_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-        include_num_input_tokens_seen="all", remove_unused_columns=False, dataloader_num_workers=0,
-        report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(),
-    )
     part_lrs = {part: lr for part, lr in (("language_model", args.lm_lr), ("connector", args.connector_lr),
                                           ("vision_tower", args.vision_lr)) if lr is not None}
     trainer = NanoVisionTrainer(
         model=model, args=training_args, train_dataset=packed, data_collator=collator,
         processing_class=processor or tokenizer, part_learning_rates=part_lrs,
-        muon_lr=args.muon_lr if args.optim == "muon" else None,
+        muon_lr=args.muon_lr if training_args.use_muon else None,
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None, seq_len=args.pack_max_length,
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
 
-    final = Path(args.output_dir) / "final"
+    final = Path(training_args.output_dir) / "final"
     trainer.save_model(final)  # on every rank: gathering FSDP-sharded weights is collective
     if trainer.args.should_save:  # the rest once, from the main process (an upload per rank would repeat it)
         (processor or tokenizer).save_pretrained(final)
+        trainer_settings = training_args.to_dict()
         settings = {"stage": args.stage, "train_modules": args.train_modules, "steps": trainer.state.global_step,
                     "train_loss": round(result.training_loss, 4), "packing": stats.summary(),
-                    **{key: value for key, value in asdict(args).items() if key in (
-                        "device_batch_size", "gradient_accumulation_steps", "pack_max_length", "learning_rate",
-                        "lm_lr", "connector_lr", "vision_lr", "optim", "attn_implementation", "bf16",
-                        "use_fused_kernels")}}
-        if args.optim == "muon":
-            settings["muon_lr"] = args.muon_lr
+                    **{key: trainer_settings[key] for key in ("per_device_train_batch_size",
+                                                              "gradient_accumulation_steps", "learning_rate", "optim",
+                                                              "bf16")},
+                    **{key: getattr(args, key) for key in ("pack_max_length", "lm_lr", "connector_lr", "vision_lr",
+                                                           "attn_implementation", "use_fused_kernels")}}
+        if training_args.use_muon:
+            settings.update(optim="muon", muon_lr=args.muon_lr)
         (final / "training_settings.json").write_text(json.dumps(settings, indent=2))
         write_model_card(final, base_model=args.model, datasets=[args.dataset], stage=args.stage, settings=settings)
-        if args.push_to_hub:
-            push_folder_to_hub(final, args.hub_model_id)
+        if training_args.push_final_to_hub:
+            push_folder_to_hub(final, training_args.hub_model_id, private=bool(training_args.hub_private_repo))
         logger.info("%s stage done: %s", args.stage, final)
     trainer.accelerator.wait_for_everyone()  # every rank may read the folder next (e.g. the next stage)
     return final
