@@ -10,6 +10,7 @@ distinct image per prompt, 64 output tokens: images/s through vLLM vs HF.
 
     python benchmarks/serving.py --out benchmarks/serving.json              # H100 (vLLM 0.26)
     python benchmarks/serving.py --smoke --out /tmp/serving-smoke.json      # tiny shapes, CPU sanity check
+    python benchmarks/serving.py --model_path CKPT --num_prompts 32         # one checkpoint: vLLM vs HF generate
 
 Prints a table and writes every figure to --out (JSON). Detokenization is off in every vLLM run (the random
 models emit ids beyond the small tokenizer): the figures compare the models, not the detokenizer.
@@ -19,11 +20,14 @@ import argparse
 import json
 import os
 import platform
+import random
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,6 +47,124 @@ def vision_shape(smoke):
                     num_attention_heads=2)
     return dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                 num_attention_heads=12)  # SigLIP-B/16-224
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+# Ids 0..9 are nanovision's special tokens (tokenizer.SPECIAL_TOKENS): random prompts avoid them.
+FIRST_ORDINARY_TOKEN_ID = 10
+
+
+def random_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of ordinary (non-special) tokens, distinct so that no prefix cache hides work."""
+    rng = random.Random(seed)
+    return [[rng.randrange(FIRST_ORDINARY_TOKEN_ID, vocab_size) for _ in range(prompt_len)]
+            for _ in range(num_prompts)]
+
+
+def _vocab_size(engine) -> int:
+    """Ids random prompts may use: the model's vocabulary, within the tokenizer's."""
+    vocab_size = engine.llm.llm_engine.model_config.hf_config.get_text_config().vocab_size
+    return min(vocab_size, len(engine.tokenizer)) if engine.tokenizer is not None else vocab_size
+
+
+def _request_latencies(outputs) -> list[float]:
+    """End-to-end seconds per request from vLLM's request stats, when it kept them (log stats on)."""
+    latencies = []
+    for out in outputs:
+        stats = getattr(out, "metrics", None)
+        first, start_ts, end_ts = (getattr(stats, name, 0.0) or 0.0
+                                   for name in ("first_token_latency", "first_token_ts", "last_token_ts"))
+        if not first or not end_ts:
+            return []
+        latencies.append(first + end_ts - start_ts)
+    return latencies
+
+
+def benchmark_throughput(engine, num_prompts: int = 32, prompt_len: int = 128,
+                         max_tokens: int = 128, seed: int = 0, warmup: bool = True, prompts=None,
+                         images=None, **sampling_kwargs) -> dict[str, float]:
+    """Greedy generation of `max_tokens` tokens (EOS ignored) for `num_prompts` random prompts of `prompt_len`
+    tokens, all submitted at once. Returns output tokens/s, requests/s and latency (mean end-to-end seconds per
+    request where vLLM records it, else the batch's wall time; `batch_latency_s` always).
+
+    `prompts` / `images` replace the random prompts (e.g. image prompts for a vision-language model); extra
+    `sampling_kwargs` go to `SamplingParams` (e.g. detokenize=False)."""
+    if prompts is None:
+        prompts = random_prompts(num_prompts, prompt_len, _vocab_size(engine), seed)
+    num_prompts = len(prompts)
+    kwargs = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **sampling_kwargs)
+    if warmup:  # a prompt of its own, so that the prefix cache gives the timed run nothing
+        engine.generate(random_prompts(1, 16, _vocab_size(engine), seed + 12345), **{**kwargs, "max_tokens": 4})
+    start = time.perf_counter()
+    outputs = engine.llm.generate([engine._request(p, i) for p, i in
+                                   zip(prompts, images or [None] * num_prompts)],
+                                  engine.sampling_params(**kwargs), use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    output_tokens = sum(len(out.outputs[0].token_ids) for out in outputs)
+    latencies = _request_latencies(outputs)
+    latency = sum(latencies) / len(latencies) if latencies else elapsed
+    return throughput_row(num_prompts, prompt_len, max_tokens, elapsed, output_tokens, latency)
+
+
+def throughput_row(num_prompts, prompt_len, max_tokens, elapsed, output_tokens, latency) -> dict[str, float]:
+    return {
+        "num_prompts": num_prompts,
+        "prompt_len": prompt_len,
+        "max_tokens": max_tokens,
+        "elapsed_s": elapsed,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "requests_per_s": num_prompts / elapsed,
+        "latency_s": latency,
+        "batch_latency_s": elapsed,
+    }
+
+
+def hf_generate_throughput(model_path, num_prompts: int = 32, prompt_len: int = 128, max_tokens: int = 128,
+                           seed: int = 0, device: str | None = None, dtype=None, model=None) -> dict[str, float]:
+    """The same measurement as `benchmark_throughput` with HF `generate` (one batch, greedy, no EOS stop)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    import nanovision  # noqa: F401  registers the Auto classes
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if model is None:
+        config = AutoConfig.from_pretrained(model_path)
+        auto = AutoModelForCausalLM if config is config.get_text_config() else AutoModelForImageTextToText
+        model = auto.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    vocab_size = model.config.get_text_config().vocab_size
+    ids = torch.tensor(random_prompts(num_prompts, prompt_len, vocab_size, seed), device=device)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=max_tokens)
+    with torch.inference_mode():
+        model.generate(ids[:1, :8], max_new_tokens=2, **{**kwargs, "min_new_tokens": 2})  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_tokens, **kwargs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    output_tokens = int((out.shape[1] - prompt_len) * num_prompts)
+    # one batch: every request finishes with it
+    return throughput_row(num_prompts, prompt_len, max_tokens, elapsed, output_tokens, latency=elapsed)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of `rows` (dicts) over `columns`."""
+    def cell(value):
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row.get(col, "")) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
+    lines = ["  ".join(col.ljust(w) for col, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(value.rjust(w) for value, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -117,7 +239,7 @@ def engine_kwargs(args):
 
 
 def worker_vllm_text(args, path):
-    from nanovision.serving import benchmark_throughput, create_vllm_engine
+    from nanovision.serving import create_vllm_engine
 
     start = time.perf_counter()
     engine = create_vllm_engine(path, **engine_kwargs(args))
@@ -130,7 +252,7 @@ def worker_vllm_text(args, path):
 
 
 def worker_vllm_vlm(args, path):
-    from nanovision.serving import benchmark_throughput, create_vllm_engine
+    from nanovision.serving import create_vllm_engine
 
     start = time.perf_counter()
     engine = create_vllm_engine(path, limit_mm_per_prompt={"image": 1}, **engine_kwargs(args))
@@ -147,8 +269,6 @@ def worker_vllm_vlm(args, path):
 
 
 def worker_hf_text(args, path):
-    from nanovision.serving.engine import hf_generate_throughput
-
     return hf_generate_throughput(path, args.hf_prompts, args.prompt_len, args.max_tokens)
 
 
@@ -227,8 +347,6 @@ def versions():
 
 
 def report(results):
-    from nanovision.serving.engine import format_table
-
     text = results["text"]
     rows = []
     for n in text["num_prompts"]:
@@ -255,6 +373,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/serving.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and counts: a CPU sanity check")
+    parser.add_argument("--model_path", help="measure this checkpoint instead (vLLM at --num_prompts, HF generate at "
+                                             "--hf_prompts, random text prompts)")
     parser.add_argument("--num_prompts", type=int, nargs="+", default=None, help="default 1 32 1000 (smoke: 1 8)")
     parser.add_argument("--prompt_len", type=int, default=None, help="default 128 (smoke: 16)")
     parser.add_argument("--max_tokens", type=int, default=None, help="default 128 (smoke: 8)")
@@ -287,6 +407,15 @@ def main():
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="nanovision-serving-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.model_path:
+        measured = {"versions": versions(), "vllm": run_worker(args, "vllm_text", args.model_path, workdir),
+                    "hf": run_worker(args, "hf_text", args.model_path, workdir)}
+        rows = [{"backend": "vLLM", **measured["vllm"].get(str(n), {})} for n in args.num_prompts]
+        columns = ["backend", "num_prompts", "output_tokens_per_s", "requests_per_s", "latency_s", "elapsed_s"]
+        print(format_table(rows + [{"backend": "HF generate", **measured["hf"]}], columns))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(measured, indent=2))
+        return
     print(f"building checkpoints in {workdir}", flush=True)
     checkpoints = build_checkpoints(workdir, args.smoke, args.dtype)
     results = {"versions": versions(), "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},

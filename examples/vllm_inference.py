@@ -1,10 +1,9 @@
 """Generate with vLLM from a nanovision checkpoint: the same entry as `nanovision infer`.
 
-    python examples/vllm_inference.py --model_path CKPT --prompt "a red circle"
-    python examples/vllm_inference.py --model_path CKPT --chat_template --prompt "What color is it?" --image red.png
+    python examples/vllm_inference.py --model_path CKPT --prompt "What color is it?" --image red.png
+    python examples/vllm_inference.py --model_path CKPT --no_chat_template --prompt "<|bos|>a red circle"
     python examples/vllm_inference.py --model_path CKPT --batch_file prompts.jsonl --output results.jsonl
     python examples/vllm_inference.py --model_path CKPT --chat
-    python examples/vllm_inference.py --model_path CKPT --benchmark --num_prompts 256 --compare_hf
 """
 
 import sys

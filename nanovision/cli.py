@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import sys
 
 
 def main(argv=None):
@@ -17,9 +18,14 @@ def main(argv=None):
     commands.add_parser("train", help="one training stage (see `nanovision train --help`)", add_help=False)
     from .serving.cli import add_infer_arguments
 
-    add_infer_arguments(commands.add_parser("infer", help="generate with vLLM: prompt, batch file, chat, benchmark"))
+    add_infer_arguments(commands.add_parser("infer", help="generate with vLLM: prompt, batch file, chat"))
+    commands.add_parser("serve", help="vLLM's OpenAI-compatible server: nanovision serve CKPT [vLLM serve flags]",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet = args.command in ("infer", "serve") and not getattr(args, "verbose", False) and "--verbose" not in rest
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if quiet:
+        logging.getLogger("nanovision").setLevel(logging.WARNING)
 
     if args.command == "train":
         from .training.arguments import argument_parser
@@ -27,6 +33,10 @@ def main(argv=None):
 
         run_stage(*argument_parser(prog="nanovision train").parse_args_into_dataclasses(rest))
         return
+    if args.command == "serve":
+        from .serving.cli import run_serve
+
+        return run_serve(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "quickstart":
@@ -44,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

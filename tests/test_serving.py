@@ -1,5 +1,5 @@
 """vLLM serving (nanovision.serving): greedy parity with HF generate for text and image prompts, chat, sampling
-flags, placeholder checks and the `nanovision infer` command. One vLLM engine for the module (a VLM checkpoint);
+flags, placeholder checks, the `nanovision infer` command and the throughput helpers of benchmarks/serving.py. One vLLM engine for the module (a VLM checkpoint);
 the text architecture is served once more by the CLI in a subprocess."""
 
 import io
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,10 +20,12 @@ from serving_checkpoints import (  # noqa: E402
     color_image,
     hf_greedy,
     png_data_url,
+    serving_env,
     train_tiny_tokenizer,
 )
 
 N = 8  # new tokens per check
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,8 @@ def test_model_classes_keep_vllms_bases_and_set_the_logit_softcap():
 
 def test_cli_text_model_batch_file_subprocess(checkpoints, tmp_path):
     """`nanovision infer` on the text (nanochat-block) checkpoint, in its own process: the vllm.general_plugins
-    entry point alone makes vLLM serve the architecture. top_k 1 at temperature 1.3 must equal greedy."""
+    entry point alone makes vLLM serve the architecture. top_k 1 at temperature 1.3 must equal greedy. Quiet: no
+    vLLM log, only the summary line (and no KV cache setting: the CPU default must start)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     prompts = ["<|bos|>a red circle", "<|bos|>what color is the square", "<|bos|>blue"]
@@ -102,11 +106,13 @@ def test_cli_text_model_batch_file_subprocess(checkpoints, tmp_path):
     cmd = [sys.executable, "-m", "nanovision.cli", "infer", "--model_path", str(checkpoints.text),
            "--batch_file", str(tmp_path / "prompts.txt"), "--output", str(out), "--dtype", "float32",
            "--max_tokens", str(N), "--temperature", "1.3", "--top_k", "1", "--top_p", "0.95",
-           "--tensor_parallel_size", "1", "--max_model_len", "256", "--seed", "0"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=os.environ.copy())
+           "--tensor_parallel_size", "1", "--max_model_len", "256", "--seed", "0", "--no_chat_template"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=serving_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout == "" and result.stderr.splitlines()[-1] == f"wrote 3 results to {out}", result.stderr
+    assert len(result.stderr.splitlines()) <= 4 and "Attempted to load weight" not in result.stderr, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["prompt"] for row in rows] == prompts
+    assert [row["prompt"] for row in rows] == prompts and [row["line"] for row in rows] == [1, 2, 3]
     assert [row["token_ids"] for row in rows] == expected
     for row in rows:  # vLLM's incremental detokenizer holds back a trailing incomplete UTF-8 sequence
         assert row["completion"] and tokenizer.decode(row["token_ids"], skip_special_tokens=True).startswith(
@@ -177,9 +183,13 @@ def test_placeholder_and_image_errors(engine, checkpoints):
     # straight to vLLM: nanovision's multimodal processor rejects more images than placeholders
     with pytest.raises(ValueError, match=r"1 '<image>' placeholder\(s\) but 2 image"):
         engine.llm.generate({"prompt": "<|bos|><image> x", "multi_modal_data": {"image": [red, red]}})
-    with pytest.raises(ValueError, match="could not decode image"):
+    with pytest.raises(ValueError, match="1 '<image>' placeholder.s. but no image"):
+        engine.generate("<|bos|><image> x")
+    with pytest.raises(ValueError, match="message's text holds '<image>'"):
+        engine.chat([{"role": "user", "content": "<image> what color"}])
+    with pytest.raises(ValueError, match="Incorrect image source"):  # transformers' load_image
         engine.generate("<|bos|><image>", images=["data:image/png;base64,bm90IGFuIGltYWdl"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="missing.png"):
         engine.generate("<|bos|><image>", images=[str(checkpoints.root / "missing.png")])
     assert len(engine.generate("<|bos|><image>", images=[red], max_tokens=2, ignore_eos=True)[0].token_ids) == 2
 
@@ -217,18 +227,27 @@ def _infer(argv):
     return run_infer(build_parser().parse_args(argv))
 
 
-def test_cli_batch_jsonl_with_images(cli_engine, hf_vlm, checkpoints, tmp_path):
+def test_cli_batch_jsonl_with_images_and_bad_lines(cli_engine, hf_vlm, checkpoints, tmp_path, capsys):
     model, processor = hf_vlm
     blue = color_image((20, 40, 210))
     rows = [{"prompt": "<|bos|><image>what color", "images": [str(checkpoints.vlm / "red.png")]},
             {"prompt": "<|bos|>a <image> b <image>", "images": [png_data_url(blue), str(checkpoints.vlm / "red.png")]},
             {"prompt": "<|bos|>the square"}]
+    bad = ['{"prompt": "<|bos|>cut', '{"text": "no prompt"}',
+           json.dumps({"prompt": "<|bos|><image>", "images": [str(checkpoints.root / "missing.png")]}),
+           json.dumps({"prompt": "<|bos|><image><image>", "images": [str(checkpoints.vlm / "red.png")]})]
+    lines = [json.dumps(rows[0]), bad[0], json.dumps(rows[1]), bad[1], "", bad[2], json.dumps(rows[2]), bad[3]]
     batch = tmp_path / "batch.jsonl"
-    batch.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    batch.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     assert _infer(["--model_path", str(checkpoints.vlm), "--batch_file", str(batch), "--output", str(out),
-                   "--max_tokens", str(N)]) == 0
+                   "--max_tokens", str(N), "--no_chat_template"]) == 1  # 1: lines were skipped
+    report = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1] for line in report[:-1]] == ["2", "4", "6", "8"] and "not valid JSON" in report[0]
+    assert "string 'prompt'" in report[1] and "missing.png" in report[2] and "2 '<image>'" in report[3]
+    assert all(line.endswith("(skipped)") for line in report[:-1]) and report[-1] == f"wrote 3 results to {out}"
     results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [result["line"] for result in results] == [1, 3, 7]
     from PIL import Image
 
     red = Image.open(checkpoints.vlm / "red.png")
@@ -253,17 +272,9 @@ def test_cli_chat_reads_stdin(cli_engine, engine, checkpoints, monkeypatch, caps
                    f"assistant: {third}\n")
 
 
-def test_cli_benchmark_and_engine_flags(cli_engine, checkpoints, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "bench.json"
-    assert _infer(["--model_path", str(checkpoints.vlm), "--benchmark", "--num_prompts", "4", "--prompt_len", "8",
-                   "--max_tokens", "5", "--output", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["num_prompts"] == 4 and result["output_tokens"] == 20 and result["output_tokens_per_s"] > 0
-    assert "output_tokens_per_s" in capsys.readouterr().out
-
+def test_cli_engine_flags(checkpoints, monkeypatch):
     from nanovision.serving import cli
 
-    monkeypatch.undo()  # the real _engine, with create_vllm_engine captured
     seen = {}
     monkeypatch.setattr("nanovision.serving.engine.create_vllm_engine",
                         lambda path, **kwargs: seen.update(path=path, **kwargs))
@@ -273,18 +284,62 @@ def test_cli_benchmark_and_engine_flags(cli_engine, checkpoints, tmp_path, monke
                                           "--max_tokens", "9", "--seed", "3"])
     cli._engine(args)
     assert seen == dict(path="ckpt", tensor_parallel_size=2, dtype="bfloat16", max_model_len=64, seed=3,
-                        trust_remote_code=True)
+                        trust_remote_code=True, use_tqdm_on_load=False)
     assert cli._sampling(args) == dict(max_tokens=9, temperature=0.7, top_p=0.9, top_k=5, seed=3)
 
 
-def test_benchmark_throughput_and_compare_backends(engine, checkpoints, capsys):
-    from nanovision.serving import benchmark_throughput, compare_backends
+def test_benchmark_helpers(engine, checkpoints, monkeypatch):
+    """benchmarks/serving.py's throughput helpers on the module's engine and on HF generate."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from serving import benchmark_throughput, format_table, hf_generate_throughput
 
     result = benchmark_throughput(engine, num_prompts=3, prompt_len=12, max_tokens=4)
     assert result["output_tokens"] == 12 and result["requests_per_s"] > 0 and result["latency_s"] > 0
-    both = compare_backends(checkpoints.vlm, num_prompts=2, prompt_len=8, max_tokens=3, engine=engine)
-    assert both["vllm"]["output_tokens"] == both["hf"]["output_tokens"] == 6
-    assert "HF generate" in capsys.readouterr().out
+    hf = hf_generate_throughput(checkpoints.vlm, num_prompts=2, prompt_len=8, max_tokens=3)
+    assert hf["output_tokens"] == 6 and hf["output_tokens_per_s"] > 0
+    table = format_table([result, hf], ["num_prompts", "output_tokens"]).splitlines()
+    assert table[0].split() == ["num_prompts", "output_tokens"] and table[2].split() == ["3", "12"]
+
+
+def test_infer_errors_before_the_engine(checkpoints, tmp_path):
+    """A missing checkpoint or batch file is a one-line error; without vLLM the error names the extra to install
+    (a subprocess whose imports of vllm fail)."""
+    with pytest.raises(SystemExit, match="Model path .*nothere does not exist"):
+        _infer(["--model_path", str(tmp_path / "nothere"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        _infer(["--model_path", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="--batch_file .*none.jsonl does not exist"):
+        _infer(["--model_path", str(checkpoints.vlm), "--batch_file", str(tmp_path / "none.jsonl")])
+    block = ("import sys, runpy\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] == 'vllm':\n"
+             "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "sys.argv = ['nanovision', 'infer', '--model_path', sys.argv[1], '--prompt', 'x']\n"
+             "runpy.run_module('nanovision.cli', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", block, str(checkpoints.vlm)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        'Serving needs vLLM, which is not installed: pip install "nanovision[serve-cpu]" on a CPU machine, '
+        '"nanovision[serve]" with a GPU.')
+
+
+def test_downcast_warning_filter():
+    import logging
+
+    from nanovision.serving.plugin import DowncastWarningFilter
+
+    def record(*args):
+        return logging.LogRecord("vllm", logging.WARNING, "utils.py", 1,
+                                 "Attempted to load weight %s with dtype %s into parameter with dtype %s", args, None)
+
+    import torch
+
+    assert not DowncastWarningFilter().filter(record("lm_head.weight", torch.float32, torch.bfloat16))
+    assert DowncastWarningFilter().filter(record("lm_head.weight", torch.bfloat16, torch.float16))  # not exact
+    assert DowncastWarningFilter().filter(logging.LogRecord("vllm", logging.WARNING, "x", 1, "other", (), None))
 
 
 def test_example_script_prompt_and_image_flags(cli_engine, engine, checkpoints, monkeypatch, capsys):
@@ -295,7 +350,9 @@ def test_example_script_prompt_and_image_flags(cli_engine, engine, checkpoints, 
     example = str(Path(__file__).resolve().parents[1] / "examples" / "vllm_inference.py")
     red = str(checkpoints.vlm / "red.png")
     base = ["vllm_inference.py", "--model_path", str(checkpoints.vlm), "--image", red, "--max_tokens", "6"]
-    for extra in (["--prompt", "<|bos|>what color"], ["--prompt", "what color is the circle", "--chat_template"]):
+    for extra in (["--prompt", "<|bos|>what color", "--no_chat_template"],
+                  ["--prompt", "what color is the circle", "--chat_template"],
+                  ["--prompt", "what color is the circle"]):  # the checkpoint has a chat template: used by default
         monkeypatch.setattr(sys, "argv", base + extra)
         with pytest.raises(SystemExit) as exited:
             runpy.run_path(example, run_name="__main__")
@@ -305,4 +362,4 @@ def test_example_script_prompt_and_image_flags(cli_engine, engine, checkpoints, 
     chat = engine.chat([{"role": "user", "content": [{"type": "image", "image": red},
                                                      {"type": "text", "text": "what color is the circle"}]}],
                        max_tokens=6)[0]
-    assert printed == f"{raw}\n{chat}\n"
+    assert printed == f"{raw}\n{chat}\n{chat}\n"

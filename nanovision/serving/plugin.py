@@ -11,6 +11,8 @@ remote code (config.json's auto_map names the base models), with vLLM's unmodifi
 processor, and on vLLM 0.26 no logit soft cap.
 """
 
+import logging
+
 # config.json "architectures" -> vLLM Transformers-backend class, as lazy "module:Class" strings: registering imports
 # nothing heavy (and never initialises CUDA in the parent process). Both are vLLM's own classes rebuilt to apply the
 # logit soft cap on every vLLM version; the VLM's also gets a multimodal processor that answers a placeholder/image
@@ -21,11 +23,25 @@ ARCHITECTURES = {
 }
 
 
+class DowncastWarningFilter(logging.Filter):
+    """Drops vLLM's per-weight "Attempted to load weight ... with dtype torch.float32 into parameter with dtype
+    torch.bfloat16" warnings: serving an fp32 checkpoint in bf16/fp16 casts every weight, which vLLM already
+    announces once ("Downcasting torch.float32 to torch.bfloat16"); a 56-line echo of it buries real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg.startswith("Attempted to load weight") and len(record.args) >= 3
+                    and str(record.args[1]) == "torch.float32"
+                    and str(record.args[2]) in ("torch.bfloat16", "torch.float16"))
+
+
 def register():
     from vllm import ModelRegistry
 
     import nanovision  # noqa: F401  registers the configs, models and processor with transformers' Auto classes
 
+    weights_logger = logging.getLogger("vllm.model_executor.models.utils")
+    if not any(isinstance(f, DowncastWarningFilter) for f in weights_logger.filters):
+        weights_logger.addFilter(DowncastWarningFilter())
     supported = set(ModelRegistry.get_supported_archs())
     for architecture, model_cls in ARCHITECTURES.items():
         if architecture not in supported:
