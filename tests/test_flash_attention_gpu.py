@@ -1,0 +1,143 @@
+"""Packed rows through the real flash-attention backends equal the documents run one by one (GPU only).
+
+Runs with NANOVISION_TEST_CUDA=1 on a CUDA machine, for each backend whose package is installed: flash_attention_4
+needs `flash-attn-4` (CuTe DSL, Hopper or newer), flash_attention_2 `flash-attn`. Documents of several lengths are
+packed into two rows of unequal length (so the shorter row is padded) by PackedDataCollator with the flash kwargs;
+every document's logits and the parameter gradients of the summed loss are compared with the same weights running
+each document alone through SDPA.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize, tiny_text_config, tiny_vlm_config
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
+
+from nanovision.training.packing import PackedDataCollator  # lead: the collator's module after the packing split
+
+if os.environ.get("NANOVISION_TEST_CUDA", "0") != "1" or not torch.cuda.is_available():
+    pytest.skip("flash attention needs NANOVISION_TEST_CUDA=1 and a CUDA device", allow_module_level=True)
+
+BACKENDS = [
+    pytest.param("flash_attention_2", marks=pytest.mark.skipif(not is_flash_attn_2_available(),
+                                                               reason="flash-attn is not installed")),
+    pytest.param("flash_attention_4", marks=pytest.mark.skipif(not is_flash_attn_4_available(),
+                                                               reason="flash-attn-4 is not installed")),
+]
+# flash kernels want head widths of 64 or more; 2 query heads a kv head
+TEXT = dict(vocab_size=96, hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256)
+VISION = dict(image_size=32, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+              num_attention_heads=2)
+ROWS = [[37, 64, 5, 81], [100, 18, 29]]  # document lengths; the second row is shorter, so padded
+IMAGE_TOKEN_ID = 6
+
+
+def rel_error(got, want):
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+def summed_loss(logits, labels):
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
+def documents(image_tokens=0, image_size=None, seed=0):
+    """One dict a document: input_ids (an image's placeholders first, for a VLM), labels, pixel_values."""
+    generator = torch.Generator().manual_seed(seed)
+    docs = []
+    for lengths in ROWS:
+        for length in lengths:
+            ids = torch.randint(IMAGE_TOKEN_ID + 1, TEXT["vocab_size"], (length + image_tokens,), generator=generator)
+            ids[:image_tokens] = IMAGE_TOKEN_ID
+            labels = ids.clone()
+            labels[:image_tokens] = -100
+            doc = dict(input_ids=ids, labels=labels)
+            if image_tokens:
+                doc["pixel_values"] = torch.randn(1, 3, image_size, image_size, generator=generator)
+            docs.append(doc)
+    return docs
+
+
+def packed_batch(docs):
+    features, start = [], 0
+    for lengths in ROWS:
+        members = docs[start:start + len(lengths)]
+        start += len(lengths)
+        feature = dict(input_ids=torch.cat([d["input_ids"] for d in members]),
+                       labels=torch.cat([d["labels"] for d in members]),
+                       seq_lengths=[d["input_ids"].numel() for d in members])
+        if "pixel_values" in members[0]:
+            feature["pixel_values"] = torch.cat([d["pixel_values"] for d in members])
+        features.append(feature)
+    return PackedDataCollator(return_flash_attn_kwargs=True)(features)
+
+
+def check_packed_equals_separate(build, attn, docs):
+    """build(attn) -> the model, same weights for every attn; compares logits and gradients."""
+    device = torch.device("cuda")
+    reference, flash = build("sdpa").to(device).train(), build(attn).to(device).train()
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed_batch(docs).items()}
+    labels = batch.pop("labels")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed_logits = flash(**batch).logits
+    summed_loss(packed_logits, labels).backward()
+
+    separate_logits = []
+    for doc in docs:
+        inputs = {k: v[None] if k != "pixel_values" else v for k, v in doc.items() if k != "labels"}
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = reference(**inputs).logits
+        summed_loss(logits, doc["labels"][None].to(device)).backward()
+        separate_logits.append(logits[0])
+
+    start = 0
+    for row, lengths in enumerate(ROWS):
+        offset = 0
+        for length in lengths:
+            doc_logits = separate_logits[start]
+            n = doc_logits.shape[0]
+            error = rel_error(packed_logits[row, offset:offset + n], doc_logits)
+            assert error < 2e-2, f"{attn}: row {row} document {start}: logits differ by {error:.2e}"
+            offset += n
+            start += 1
+    # a key bias adds the same q.b to every score of a query, which softmax cancels: its gradient is zero up to
+    # rounding in both runs, and their relative difference is noise over noise
+    grads = {name: p.grad for name, p in flash.named_parameters() if p.grad is not None and "k_proj.bias" not in name}
+    want = {name: p.grad for name, p in reference.named_parameters()
+            if p.grad is not None and "k_proj.bias" not in name}
+    assert grads.keys() == want.keys()
+    total = rel_error(torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in want.values()]))
+    worst = max(grads, key=lambda name: rel_error(grads[name], want[name]))
+    print(f"{attn}: gradients differ by {total:.2e} overall, worst {worst} {rel_error(grads[worst], want[worst]):.2e}")
+    assert total < 2e-2
+    assert rel_error(grads[worst], want[worst]) < 1e-1, worst
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager-ops", "fused-kernels"])
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_packed_text_rows_match_separate_documents(attn, fused):
+    config = lambda: tiny_text_config(**TEXT, use_fused_kernels=fused)  # noqa: E731
+
+    def build(implementation):
+        return randomize(AutoModelForCausalLM.from_config(config(), attn_implementation=implementation), std=0.05)
+
+    check_packed_equals_separate(build, attn, documents())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager-ops", "fused-kernels"])
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_packed_vlm_rows_match_separate_documents(attn, fused):
+    def config():
+        return tiny_vlm_config(text=tiny_text_config(**TEXT, use_fused_kernels=fused), vision_config=dict(VISION),
+                               image_token_id=IMAGE_TOKEN_ID)
+
+    def build(implementation):
+        return randomize(AutoModelForImageTextToText.from_config(config(), attn_implementation=implementation),
+                         std=0.05)
+
+    check_packed_equals_separate(build, attn, documents(config().num_image_tokens, VISION["image_size"]))
