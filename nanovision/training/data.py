@@ -12,9 +12,9 @@ import os
 import datasets
 
 from ..data import shapes
+from ..modeling_nanovision import IGNORE_INDEX
 
 STAGE_COLUMNS = {"base": ("text",), "vision": ("image", "caption"), "sft": ("messages", "images")}
-IGNORE_INDEX = -100
 
 
 def require_columns(dataset: datasets.Dataset, stage: str) -> None:
