@@ -3,6 +3,7 @@ base -> vision -> sft on a tiny model with packing, reload with the Auto classes
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -10,34 +11,26 @@ import torch
 
 from .evaluate import evaluate_checkpoint
 from .stages import StageArguments, run_stage
-from .trainer import cpu_has_fast_bf16, write_model_card
-
-logger = logging.getLogger("nanovision")
+from .trainer import StageReportCallback, cpu_has_fast_bf16, write_model_card
 
 # Each stage's settings; the model: nanochat's block, 4 layers of 256 (4 heads of 64) + a 2-layer SigLIP tower on
 # 64x64 images (8px patches, pixel shuffle 2 -> 16 image tokens). nanochat's norm after the embedding also
 # normalises the image embeddings, which keeps the connector's output on the text embeddings' scale.
-# What the accuracy owes to each setting (held-out questions, see benchmarks/RESULTS.md "Quickstart accuracy"):
+# Why each setting (the measurements: benchmarks/RESULTS.md, "Quickstart accuracy" and the Muon seed sweeps):
 # - the vision stage first pretrains the new tower on caption words (training/tower_pretraining.py) and SFT keeps it
-#   frozen: without that the tiny LM never learns to read the image in this budget (0.37 -> 0.60);
-# - 1200 pretraining steps rather than 300: the tower tells the shapes apart (ranking a present shape word above an
-#   absent one: 0.62 after 300 steps, 0.90 after 1200), while colours are learned almost at once;
+#   frozen: without that the tiny LM never learns to read the image in this budget; 1200 steps rather than 300,
+#   because the tower learns to tell the shapes apart much later than the colours;
 # - the pretraining also matches whole caption phrases to single tokens, and the connector adds a learned embedding
-#   per grid cell: together they lift the questions that bind colour, shape and place ("What color is the shape on
-#   the left?", "Where is the red square?"); either alone does little (0.79 each, 0.85 together, on 2 seeds);
+#   per grid cell: together (either alone does little) they lift the questions that bind colour, shape and place
+#   ("What color is the shape on the left?", "Where is the red square?");
 # - SFT conversations ask three questions per image and end with the caption (held-out ones ask one question);
-#   SFT takes micro-batches of 4 packed rows over three epochs: twice the updates per epoch for the same compute
-#   buys more than epochs do (fp32: 8 rows x 5 epochs 0.98, 8 x 3 0.83, 4 x 3 0.98, 4 x 2.5 0.87, 4 x 2 0.83);
-# - SFT trains the language model's hidden matrices with Muon (lr 0.005; AdamW 2e-3 for embeddings, head, norms and
-#   connector) at constant learning rates: on the GPU 12 of 12 seeds meet both targets (colour >= 0.95, overall
-#   >= 0.965), against 3 of 12 with AdamW and a cosine schedule (6 of 12 with AdamW at constant rates; Muon with
-#   warmup and cosine decay or over two epochs fails seeds too). With AdamW, whether SFT learned to look a place's
-#   attribute up among the image tokens (which encode it in every run) was decided by the seed; with Muon at a
-#   constant rate it did on every seed tried. Muon costs 20-25% more SFT step time on a CPU with AMX, ~35% on one
-#   without bf16 units (where its Newton-Schulz runs in fp32, training/muon.py);
-# - attention runs per packed document (nanovision_varlen): 12% less SFT step time on the CPU than sdpa's
-#   block-diagonal mask, which computes every cross-document pair;
-# - bf16 autocast on CPUs that compute it natively (AVX512-BF16 / AMX): 1.7x the fp32 step rate on 2 cores.
+#   SFT takes micro-batches of 4 packed rows over three epochs: more updates per epoch buy more than more epochs;
+# - SFT trains the language model's hidden matrices with Muon (AdamW for embeddings, head, norms and connector) at
+#   constant learning rates: with AdamW, whether SFT learned to look a place's attribute up among the image tokens
+#   was decided by the seed; with Muon at a constant rate it was learned on every seed tried;
+# - attention runs per packed document (nanovision_varlen), not over sdpa's block-diagonal mask, which computes
+#   every cross-document pair;
+# - bf16 autocast on CPUs that compute it natively (AVX512-BF16 / AMX), fp32 on the others.
 STAGES = {
     "base": dict(builtin_train_size=4000, num_train_epochs=2, learning_rate=3e-3, block="nanochat"),
     "vision": dict(builtin_train_size=4000, num_train_epochs=1, learning_rate=3e-3, tower_pretrain_steps=1200,
@@ -50,20 +43,55 @@ DEFAULTS = dict(pack_max_length=512, device_batch_size=8, logging_steps=20, save
                 attn_implementation="nanovision_varlen")
 
 
+STAGE_TITLES = {"base": "text language model pretraining", "vision": "vision tower pretraining and connector "
+                "alignment on captions", "sft": "visual question answering SFT"}
+
+
+def quiet_progress_bars() -> None:
+    """For output piped to a file: no tqdm bars (their carriage-return redraws flood a log), plain log lines instead.
+    run_stage leaves TrainingArguments.disable_tqdm at its default, which transformers documents as on when its
+    logging is quieter than WARNING; only the training-arguments logger is quietened, so the Trainer prints each
+    log as a line (PrinterCallback) and every other warning still shows."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers.training_args").setLevel(logging.ERROR)
+
+
 def run(output_dir="outputs/quickstart", seed=0, num_test=400, **overrides) -> dict:
+    """base -> vision -> sft, each announced before it starts and timed, then the held-out accuracy. ``overrides``
+    apply to every stage's `StageArguments`."""
     start = time.time()
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        quiet_progress_bars()
     output_dir = Path(output_dir)
     previous = None
-    bf16 = None if torch.cuda.is_available() else cpu_has_fast_bf16()
-    for stage, settings in STAGES.items():
+    on_gpu = torch.cuda.is_available()
+    reason = ""
+    if "bf16" in overrides:
+        bf16 = overrides.pop("bf16")
+    elif on_gpu:
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = cpu_has_fast_bf16()
+        reason = " (this CPU computes bf16 natively)" if bf16 else " (this CPU has no native bf16)"
+    print(f"nanovision quickstart on the {'GPU' if on_gpu else 'CPU'}, precision: "
+          f"{'bf16 autocast' if bf16 else 'fp32'}{reason}", flush=True)
+    for number, (stage, settings) in enumerate(STAGES.items(), 1):
         args = StageArguments(stage=stage, output_dir=str(output_dir / stage), model=previous, seed=seed,
                               **{**DEFAULTS, "bf16": bf16, **settings, **overrides})
-        previous = str(run_stage(args))
-        logger.info("%s stage finished after %.0f s", stage, time.time() - start)
+        print(f"== stage {number}/{len(STAGES)}: {stage} ({STAGE_TITLES[stage]}) ==", flush=True)
+        stage_start = time.time()
+        previous = str(run_stage(args, callbacks=[StageReportCallback(stage)]))
+        print(f"[{stage}] stage done in {time.time() - stage_start:.0f} s ({time.time() - start:.0f} s in all): "
+              f"{previous}", flush=True)
+    print("== evaluation: held-out questions ==", flush=True)
     scores = evaluate_checkpoint(previous, num_test=num_test, seed=seed)
     settings = json.loads((Path(previous) / "training_settings.json").read_text())
     write_model_card(Path(previous), base_model=str(output_dir / "vision" / "final"), datasets=["builtin"],
                      stage="sft", settings=settings, eval_results={f"{kind} accuracy": value for kind, value in
                                                                    scores.items() if kind != "n"})
-    print(f"checkpoint: {previous} ({time.time() - start:.0f} s)")
+    print(f"checkpoint: {previous} ({time.time() - start:.0f} s)", flush=True)
     return scores
