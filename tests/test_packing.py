@@ -154,6 +154,18 @@ def test_truncation_errors_are_clear():
         pack_dataset(padded, 8)
 
 
+def test_pack_dataset_beyond_a_list_columns_items_uses_large_lists(monkeypatch):
+    from nanovision.training import dataset_packing
+
+    examples = make_examples(20)
+    small, _ = pack_dataset(Dataset.from_list(examples), 64, log_stats=False)
+    monkeypatch.setattr(dataset_packing, "LIST_ITEMS_LIMIT", 10)
+    large, _ = pack_dataset(Dataset.from_list(examples), 64, log_stats=False)
+    assert type(large.features["input_ids"]).__name__ == "LargeList"
+    assert type(large.features["position_ids"]).__name__ == "LargeList"
+    assert large.to_list() == small.to_list()
+
+
 @pytest.fixture(scope="module")
 def stage_examples():
     """Each stage's built-in data, tokenized as the stage tokenizes it (4 image tokens per image)."""

@@ -45,6 +45,7 @@ logger = logging.getLogger("nanovision")
 
 IMAGE_COLUMNS = ("images", "pixel_values")
 PACKED_ROWS_PER_CHUNK = 8192  # rows built per Arrow chunk in pack_dataset (bounds the memory of the intermediates)
+LIST_ITEMS_LIMIT = np.iinfo(np.int32).max  # a datasets.List column's items (int32 Arrow offsets); more need LargeList
 DROPPED_IMAGES_COLUMN = "_nanovision_dropped_images"  # per-example count the truncation hands back to pack_dataset
 
 
@@ -194,8 +195,6 @@ def _build_lists(list_type, lengths: np.ndarray, values):
     np.cumsum(lengths, out=offsets[1:])
     if pa.types.is_large_list(list_type):
         return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values, type=list_type)
-    if offsets[-1] > np.iinfo(np.int32).max:
-        raise ValueError("a packed chunk holds more than 2**31 list items; lower PACKED_ROWS_PER_CHUNK")
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values, type=list_type)
 
 
@@ -402,7 +401,8 @@ def pack_dataset(
         )
     stats.tokens = int(lengths.sum())
 
-    out_features = _packed_features(features, token_columns, image_cols, has_num_images or bool(image_cols))
+    out_features = _packed_features(features, token_columns, image_cols, has_num_images or bool(image_cols),
+                                    large_lists=stats.tokens > LIST_ITEMS_LIMIT)
     packer = _Packer(max_length, out_features, image_cols, has_num_images)
     # The whole dataset is one batch (best fit needs every length); datasets derives the packed dataset's fingerprint
     # from the source's and the packer's settings, and keep_in_memory leaves no cache file behind.
@@ -424,17 +424,20 @@ def _check_unpadded(dataset) -> None:
         )
 
 
-def _packed_features(features, token_columns, image_cols, with_num_images):
+def _packed_features(features, token_columns, image_cols, with_num_images, large_lists=False):
+    """The packed rows' features; ``large_lists``: the per-token columns as LargeList (int64 offsets), for packed
+    datasets of more than LIST_ITEMS_LIMIT tokens."""
     ids_feature = features["input_ids"]
     if "labels" in token_columns:
         labels_feature = features["labels"]
     else:
         dtype = getattr(getattr(ids_feature, "feature", None), "dtype", "int64")
         labels_feature = ids_feature if str(dtype).startswith("int") else datasets.List(datasets.Value("int64"))
+    token_list = datasets.LargeList if large_lists else datasets.List
     out = {
-        "input_ids": ids_feature,
-        "labels": labels_feature,
-        "position_ids": datasets.List(datasets.Value("int32")),
+        "input_ids": token_list(ids_feature.feature) if large_lists else ids_feature,
+        "labels": token_list(labels_feature.feature) if large_lists else labels_feature,
+        "position_ids": token_list(datasets.Value("int32")),
         "seq_lengths": datasets.List(datasets.Value("int32")),
     }
     for name in image_cols:
