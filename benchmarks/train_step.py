@@ -162,7 +162,7 @@ def make_batch(s, device, packed_lengths=None, generator=None):
 def lognormal_rows(s, mean=600, sigma=0.8, seed=0):
     """Documents with log-normal lengths (mean ~600, capped at seq), best-fit packed into rows of seq tokens; a
     seeded random sample of those rows (the first rows of a best-fit packing hold the longest documents alone)."""
-    from nanovision.training.packing import pack_examples
+    from nanovision.training.bin_packing import pack_examples
 
     g = torch.Generator().manual_seed(seed)
     mu = math.log(mean) - sigma**2 / 2

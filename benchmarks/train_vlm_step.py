@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaConfig, 
 
 import nanovision
 from nanovision.kernels import describe_backends
-from nanovision.training.packing import PackedDataCollator  # lead: the collator's module after the packing split
+from nanovision.training.collator import PackedDataCollator
 
 SHAPE = dict(depth=20, head_dim=128, vocab=50304, seq=2048, batch=8,
              tower=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

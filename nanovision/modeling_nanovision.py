@@ -35,6 +35,8 @@ except ImportError:  # remote code without nanovision: eager path only
 
 logger = logging.get_logger(__name__)
 
+IGNORE_INDEX = -100  # the label the loss skips (prompts, images, padding): PyTorch's cross-entropy default
+
 
 class NanoVisionRMSNorm(nn.Module):
     """RMSNorm with learnable weights (Llama) or none (nanochat).
@@ -379,7 +381,7 @@ def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Target of position t is the token at t + 1; the last position has none."""
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
@@ -466,7 +468,7 @@ def causal_lm_loss_and_logits(model, hidden_states, labels, logits_to_keep, **kw
             hidden_states.reshape(-1, hidden_states.shape[-1]),
             weight,
             targets.reshape(-1).to(hidden_states.device),
-            ignore_index=-100,
+            ignore_index=IGNORE_INDEX,
             reduction="mean",
             softcap=cap,
             num_items_in_batch=kwargs.get("num_items_in_batch"),

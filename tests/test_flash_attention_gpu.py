@@ -16,7 +16,7 @@ from conftest import randomize, tiny_text_config, tiny_vlm_config
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.utils import is_flash_attn_2_available, is_flash_attn_4_available
 
-from nanovision.training.packing import PackedDataCollator  # lead: the collator's module after the packing split
+from nanovision.training.collator import PackedDataCollator
 
 if os.environ.get("NANOVISION_TEST_CUDA", "0") != "1" or not torch.cuda.is_available():
     pytest.skip("flash attention needs NANOVISION_TEST_CUDA=1 and a CUDA device", allow_module_level=True)

@@ -1,6 +1,5 @@
 import itertools
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -8,62 +7,10 @@ import torch
 from conftest import randomize, tiny_text_config, tiny_vlm_config
 from datasets import Dataset
 
-from nanovision.training.packing import (
-    PackedDataCollator,
-    PackingStats,
-    first_fit_decreasing,
-    pack_dataset,
-    pack_examples,
-)
+from nanovision.training.collator import PackedDataCollator
+from nanovision.training.dataset_packing import PackingStats, pack_dataset
 
 IMG, START, END = 6, 7, 8  # image placeholder ids (tiny_vlm_config uses image_token_id=6)
-
-
-def lognormal_lengths(n, mean=600, sigma=0.8, cap=2048, seed=0):
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.lognormal(np.log(mean) - sigma**2 / 2, sigma, n).astype(int), 1, cap)
-
-
-# ---------------------------------------------------------------------------------------------- pack_examples
-
-
-@pytest.mark.parametrize("packer", [pack_examples, first_fit_decreasing])
-def test_every_index_once_and_no_row_over_capacity(packer):
-    lengths = np.random.default_rng(1).integers(1, 101, size=500)
-    rows = packer(lengths, 100)
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
-    assert packer([], 10) == []
-    assert packer([10, 10], 10) == [[0], [1]]  # exactly full rows
-
-
-@pytest.mark.parametrize("bad", [[5, 11, 3], [5, 0]])
-def test_pack_examples_rejects_too_long_or_empty(bad):
-    with pytest.raises(ValueError, match="example 1"):
-        pack_examples(bad, 10)
-
-
-def test_best_fit_decreasing_is_near_optimal():
-    lengths = lognormal_lengths(2000)
-    assert 550 < lengths.mean() < 650
-    rows = pack_examples(lengths, 2048)
-    waste = 1 - lengths.sum() / (len(rows) * 2048)
-    assert waste <= 0.03, waste
-    assert len(rows) <= int(np.ceil(lengths.sum() / 2048)) + 5  # a few rows above the volume bound
-
-
-def test_best_fit_is_tighter_than_first_fit_on_a_known_case():
-    # first fit puts 3 into the 5-room row and 5 cannot follow; best fit puts 3 into the 3-room row
-    assert sorted(map(sorted, pack_examples([5, 7, 5, 3], 10))) == [[0, 2], [1, 3]]
-
-
-def test_pack_examples_speed_100k():
-    lengths = lognormal_lengths(100_000, seed=3)
-    start = time.perf_counter()
-    rows = pack_examples(lengths, 2048)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5, elapsed
-    assert sum(len(row) for row in rows) == 100_000
 
 
 # ---------------------------------------------------------------------------------------------- pack_dataset
@@ -205,6 +152,70 @@ def test_truncation_errors_are_clear():
     padded = Dataset.from_list([{"input_ids": [1, 2, 0], "attention_mask": [1, 1, 0]}])
     with pytest.raises(ValueError, match="padded"):
         pack_dataset(padded, 8)
+
+
+def test_pack_dataset_beyond_a_list_columns_items_uses_large_lists(monkeypatch):
+    from nanovision.training import dataset_packing
+
+    examples = make_examples(20)
+    small, _ = pack_dataset(Dataset.from_list(examples), 64, log_stats=False)
+    monkeypatch.setattr(dataset_packing, "LIST_ITEMS_LIMIT", 10)
+    large, _ = pack_dataset(Dataset.from_list(examples), 64, log_stats=False)
+    assert type(large.features["input_ids"]).__name__ == "LargeList"
+    assert type(large.features["position_ids"]).__name__ == "LargeList"
+    assert large.to_list() == small.to_list()
+
+
+@pytest.fixture(scope="module")
+def stage_examples():
+    """Each stage's built-in data, tokenized as the stage tokenizes it (4 image tokens per image)."""
+    from nanovision.tokenizer import train_tokenizer
+    from nanovision.training.data import builtin_dataset, tokenize_for_stage
+
+    tokenizer = train_tokenizer(builtin_dataset("base", 200, 1, 16)["train"]["text"], vocab_size=400)
+    image_ids = dict(image_token_id=tokenizer.convert_tokens_to_ids("<image>"), num_image_tokens=4,
+                     image_start_token_id=tokenizer.convert_tokens_to_ids("<|image_start|>"),
+                     image_end_token_id=tokenizer.convert_tokens_to_ids("<|image_end|>"))
+    examples = {}
+    for stage in ("base", "vision", "sft"):
+        raw = builtin_dataset(stage, 24, 1, 16, turns=3)["train"]
+        examples[stage] = (tokenize_for_stage(raw, stage, tokenizer, 4), {} if stage == "base" else image_ids)
+    return examples
+
+
+@pytest.mark.parametrize("stage", ["base", "vision", "sft"])
+def test_each_stage_truncates_over_long_examples_safely_or_refuses_them(stage, stage_examples, caplog):
+    """At the shortest max_length that keeps a labelled token of every example, the long ones are cut (never inside
+    an image) and counted; one token less and the example that would keep nothing to learn is refused by row."""
+    tokenized, image_ids = stage_examples[stage]
+    first_targets = [next(t for t, label in enumerate(labels) if t and label != -100)
+                     for labels in tokenized["labels"]]
+    limit = max(first_targets) + 1
+    assert limit < max(len(ids) for ids in tokenized["input_ids"])
+    with caplog.at_level(logging.WARNING, logger="nanovision"):
+        packed, stats = pack_dataset(tokenized, limit, **image_ids)
+    assert stats.truncated_examples > 0 and f"to max_length={limit}" in caplog.text
+    for row in packed:
+        assert len(row["input_ids"]) <= limit
+        if image_ids:  # whole images only, each with its markers
+            ids = np.array(row["input_ids"])
+            assert (ids == image_ids["image_token_id"]).sum() == 4 * len(row["images"])
+            assert (ids == image_ids["image_start_token_id"]).sum() == len(row["images"])
+            assert (ids == image_ids["image_end_token_id"]).sum() == len(row["images"])
+    row = first_targets.index(limit - 1)
+    length = len(tokenized[row]["input_ids"])
+    refused = (rf"example {row} has {length} tokens, more than max_length={limit - 1}.*labelled token is at position "
+               rf"{limit - 1}.*--pack_max_length\) to at least {limit}")
+    with pytest.raises(ValueError, match=refused):
+        pack_dataset(tokenized, limit - 1, **image_ids)
+
+
+def test_empty_dataset_and_empty_batch_are_refused():
+    empty = Dataset.from_dict({"input_ids": [], "labels": []})
+    with pytest.raises(ValueError, match=r"empty dataset \(0 examples\).*--dataset"):
+        pack_dataset(empty, 8)
+    with pytest.raises(ValueError, match="empty batch"):
+        PackedDataCollator()([])
 
 
 # ---------------------------------------------------------------------------------------------- collator

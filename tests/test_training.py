@@ -562,7 +562,7 @@ def test_resume_with_another_dataset_keeps_the_checkpoints_tokenizer(tmp_path, c
 
 
 def test_the_stage_log_names_truncation_and_its_flag(tmp_path, caplog):
-    from nanovision.training.packing import PackingStats
+    from nanovision.training.dataset_packing import PackingStats
     from nanovision.training.stages import log_data_use
 
     args, _ = stage(tmp_path, "base", pack_max_length=64)

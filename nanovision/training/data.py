@@ -14,9 +14,9 @@ import datasets
 import pyarrow.compute as pc
 
 from ..data import shapes
+from ..modeling_nanovision import IGNORE_INDEX
 
 STAGE_COLUMNS = {"base": ("text",), "vision": ("image", "caption"), "sft": ("messages", "images")}
-IGNORE_INDEX = -100
 STRING_TYPES = ("string", "large_string")
 FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 SHOWN_ROWS = 5  # row numbers an error lists

@@ -11,7 +11,7 @@ def answer_questions(model, processor, samples, batch_size: int = 32, max_new_to
     """Greedy answers for `qa_dataset` rows (their user turn only), batched with left padding."""
     processor.tokenizer.padding_side = "left"
     answers = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="answering"):
+    for start in tqdm(range(0, len(samples), batch_size), desc="answering", disable=None):  # None: off when piped
         batch = samples[start:start + batch_size]
         prompts = [processor.apply_chat_template(messages[:1], add_generation_prompt=True)
                    for messages in batch["messages"]]

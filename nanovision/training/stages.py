@@ -23,8 +23,9 @@ from ..modeling_nanovision import NanoVisionForConditionalGeneration
 from ..processing_nanovision import NanoVisionImageProcessor, NanoVisionProcessor
 from ..tokenizer import train_tokenizer
 from .arguments import PARTS, NanoVisionTrainingArguments, StageArguments, validate_arguments
+from .collator import PackedDataCollator
 from .data import builtin_dataset, load_stage_dataset, tokenize_for_stage
-from .packing import PackedDataCollator, pack_dataset
+from .dataset_packing import pack_dataset
 from .tower_pretraining import pretrain_vision_tower
 from .trainer import NanoVisionTrainer, push_folder_to_hub, write_model_card
 

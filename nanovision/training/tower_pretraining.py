@@ -68,7 +68,7 @@ class PreparedCaptions(torch.utils.data.Dataset):
         chunks = range(0, len(dataset), chunk_size)
         self.pixel_values = torch.cat([
             image_processor(dataset[start:start + chunk_size]["image"], return_tensors="pt")["pixel_values"]
-            for start in tqdm(chunks, desc="preparing images", disable=len(chunks) < 2)])
+            for start in tqdm(chunks, desc="preparing images", disable=True if len(chunks) < 2 else None)])
         self.captions = list(dataset["caption"])
         self.caption_ids = tokenizer(self.captions, add_special_tokens=False)["input_ids"]
         self.phrases = self.phrase_ids = None

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .muon import Muon, MuonWithAdamW
 
@@ -184,3 +184,24 @@ def push_folder_to_hub(folder: Path, repo_id: str, private: bool = False):
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="nanovision checkpoint")
 
+
+
+
+class StageReportCallback(TrainerCallback):
+    """Says what a stage trains and how long it took: its step count and precision when training begins, its
+    training time when it ends (on the main process)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        if state.is_world_process_zero:
+            precision = "bf16 autocast" if args.bf16 else "fp16 autocast" if args.fp16 else "fp32"
+            print(f"[{self.stage}] training {state.max_steps} steps in {precision}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(f"[{self.stage}] trained {state.global_step} steps in {time.perf_counter() - self.started:.0f} s",
+                  flush=True)
