@@ -60,9 +60,9 @@ class CaptionWordsObjective(nn.Module):
 class PreparedCaptions(torch.utils.data.Dataset):
     """An `{"image", "caption"}` dataset with every image processed and every caption tokenized once, held in memory
     (`pixel_values`: images x 3 x height x width float32; 4,000 images of 64x64 take 197 MB). The pretraining passes
-    over a small caption set many times (the quickstart: 19 epochs), and decoding, resizing and tokenizing every
-    step cost a quarter of the step on a CPU. Rows: `pixel_values`, `caption`, `caption_ids`, and with `phrases`
-    the caption's distinct phrases (`phrases`) and each phrase's word ids (`phrase_ids`)."""
+    over a small caption set many times (the quickstart: 19 epochs), and decoding, resizing and tokenizing in every
+    step would cost a large part of each step on a CPU. Rows: `pixel_values`, `caption`, `caption_ids`, and with
+    `phrases` the caption's distinct phrases (`phrases`) and each phrase's word ids (`phrase_ids`)."""
 
     def __init__(self, dataset, image_processor, tokenizer, phrases: bool = False, chunk_size: int = 256):
         chunks = range(0, len(dataset), chunk_size)

@@ -19,7 +19,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls there run well above the fp32 rate (2.6x measured on a 2-core AMD EPYC)."""
+    """AVX512-BF16 or AMX: bf16 matmuls there run well above the fp32 rate (benchmarks/RESULTS.md has the figures)."""
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
                                                                          "_is_amx_tile_supported"))
 
