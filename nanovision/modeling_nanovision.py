@@ -396,7 +396,7 @@ def check_pixel_values(pixel_values: torch.Tensor, vision_config: SiglipVisionCo
             largest <= PIXEL_VALUES_BOUND,
             f"pixel_values must be finite and normalised (|x| <= {PIXEL_VALUES_BOUND:g}): {fix}, which rescales "
             "by 1/255 and normalises; NaN or inf means the batch is corrupt upstream",
-            lambda: "pixel_values hold NaN or inf" if not largest.isfinite() else f"pixel_values reach {float(largest):g}",
+            lambda: f"pixel_values reach {float(largest):g}" if largest.isfinite() else "pixel_values hold NaN or inf",
         )
 
 
@@ -465,7 +465,7 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
         past_for_mask = past_key_values
         # Rows that are neither padded nor packed (no attention_mask, no position_ids, no past) are plain causal rows,
         # for which SDPA needs no mask (is_causal). transformers finds that eagerly, but under torch.compile before
-        # torch 2.14 it cannot and builds a [T, T] mask, which costs the attention most of its speed.
+        # torch 2.14 it cannot and builds a [T, T] mask, which keeps SDPA off its fastest kernels.
         plain_causal_sdpa = (attention_mask is None and position_ids is None and past_for_mask is None
                              and self.config._attn_implementation == "sdpa")
         documents_mask = None
@@ -748,6 +748,16 @@ class NanoVisionMultimodalPreTrainedModel(NanoVisionPreTrainedModel):
             super()._init_weights(module)
 
 
+def place_image_features(inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor):
+    """inputs_embeds [B, T, H] with the placeholders of `image_mask` [B, T] replaced, in reading order, by the rows of
+    `image_features` [num_images, tokens, H]. A gather where masked_scatter would do: masked_scatter's backward asks
+    the device how many tokens the mask holds, a synchronisation per training step."""
+    features = image_features.reshape(-1, image_features.shape[-1])
+    index = (image_mask.reshape(-1).cumsum(0) - 1).clamp(min=0)  # the feature row of each placeholder
+    placed = features.index_select(0, index).view_as(inputs_embeds)
+    return torch.where(image_mask.unsqueeze(-1), placed, inputs_embeds)
+
+
 class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
     """SigLIP vision tower -> connector -> language model. Image embeddings replace the `<image>` placeholder
     tokens wherever they stand in the text; returns the language model's hidden states."""
@@ -780,10 +790,12 @@ class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
             return_dict=True,
         )
         patches = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
-        vision_outputs.pooler_output = self.multi_modal_projector(patches)
-        if not output_hidden_states:  # read for the feature layer only
-            vision_outputs.hidden_states = None
-        return vision_outputs
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=self.multi_modal_projector(patches),
+            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,  # else only for the layer
+            attentions=vision_outputs.attentions,
+        )
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor):
         """[batch, length] True at the `<image>` placeholders: from input_ids, or else where inputs_embeds hold the
@@ -836,12 +848,12 @@ class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
             if past_key_values is not None and image_mask.shape[0] == 1:
                 # Generating one row (as assisted decoding and prompt lookup do): tokens after the prompt, drafted or
                 # copied from it, may hold the placeholder id; the images fill the prompt's placeholders, the first.
-                image_mask = image_mask & (image_mask.cumsum(-1) <= image_features.shape[0] * self.config.num_image_tokens)
+                num_image_tokens = image_features.shape[0] * self.config.num_image_tokens
+                image_mask = image_mask & (image_mask.cumsum(-1) <= num_image_tokens)
             self.check_image_tokens(image_mask, image_features.shape[0])
-            inputs_embeds = inputs_embeds.masked_scatter(
-                image_mask.unsqueeze(-1).to(inputs_embeds.device),
-                image_features.to(inputs_embeds.device, inputs_embeds.dtype),
-            )
+            if image_features.shape[0]:
+                inputs_embeds = place_image_features(inputs_embeds, image_mask.to(inputs_embeds.device),
+                                                     image_features.to(inputs_embeds.device, inputs_embeds.dtype))
         elif past_key_values is None:
             # Without a cache the images cannot be elsewhere. With one, placeholders may come without their images,
             # as in-tree VLMs allow: an assistant model in assisted generation runs its prefill so, and a decoding
@@ -955,8 +967,8 @@ class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, Ge
             text_config, text_model = language.config.text_config, language.model.language_model
         else:
             raise TypeError(
-                f"from_text_model needs a NanoVisionForCausalLM (or a NanoVisionForConditionalGeneration, whose language "
-                f"model is taken), got {type(language).__name__}; load it with AutoModelForCausalLM.from_pretrained."
+                "from_text_model needs a NanoVisionForCausalLM (or a NanoVisionForConditionalGeneration, whose "
+                f"language model is taken), got {type(language).__name__}; load it with AutoModelForCausalLM."
             )
         if not isinstance(vision_config, SiglipVisionConfig):
             raise TypeError(f"from_text_model needs a SiglipVisionConfig, got {type(vision_config).__name__}.")
