@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import SiglipVisionConfig, SiglipVisionModel
+from transformers import PretrainedConfig, SiglipPreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, packed_sequence_mask_function
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -305,6 +305,130 @@ class NanoVisionPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+# ---------------------------------------------------------------------------- input validation
+# Shapes and dtypes are checked on the host. Values are read where that costs no host-device synchronisation: CPU
+# tensors directly; on an accelerator the check is queued on the device (a training step must not wait for it), so a
+# failure there ends the process with a device-side assertion at the next synchronisation (rerun the batch on the CPU
+# for the full message). Under torch.compile / torch.export value checks are left out: tracing cannot read values.
+
+
+def check_values(condition: torch.Tensor, message: str, details: Callable[[], str] | None = None) -> None:
+    """Raise ValueError(message) unless the one-element bool tensor `condition` holds; `details` (CPU only) adds
+    what the values were."""
+    if torch.compiler.is_compiling() or condition.device.type == "meta":
+        return
+    if condition.device.type != "cpu":
+        torch._assert_async(condition, message)
+    elif not condition:
+        raise ValueError(message if details is None else f"{details()}: {message}")
+
+
+def check_integer_tensor(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(tensor).__name__}.")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers (torch.long), got {tensor.dtype}.")
+    if tensor.ndim != ndim:
+        hint = f"; add the batch dimension with {name}[None]" if tensor.ndim == ndim - 1 else ""
+        raise ValueError(f"{name} must be {layout}, got shape {list(tensor.shape)}{hint}.")
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """input_ids: a non-empty [batch_size, sequence_length] integer tensor of ids in [0, vocab_size)."""
+    check_integer_tensor("input_ids", input_ids, 2, "[batch_size, sequence_length]")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): pass at least one row of one token.")
+    low, high = torch.aminmax(input_ids)
+    check_values(
+        (low >= 0) & (high < vocab_size),
+        f"input_ids must be token ids in [0, vocab_size={vocab_size}): encode with the model's own tokenizer "
+        "(len(tokenizer) must not exceed the config's vocab_size) and replace ignore-index labels (-100) before "
+        "using them as inputs",
+        lambda: f"input_ids hold ids from {int(low)} to {int(high)}",
+    )
+
+
+def check_sequence_inputs(config: NanoVisionTextConfig, inputs_embeds: torch.Tensor, position_ids, attention_mask):
+    """Host-side shape checks of the language model's inputs against `inputs_embeds` [batch, length, hidden]."""
+    if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or (
+            inputs_embeds.shape[-1] != config.hidden_size):
+        shape = list(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+        raise ValueError(
+            f"inputs_embeds must be [batch_size, sequence_length, hidden_size={config.hidden_size}], got {shape}."
+        )
+    batch, length = inputs_embeds.shape[:2]
+    if batch == 0 or length == 0:
+        raise ValueError(f"inputs_embeds is empty (shape {list(inputs_embeds.shape)}): pass at least one token.")
+    if position_ids is not None:
+        check_integer_tensor("position_ids", position_ids, 2, "[batch_size, sequence_length]")
+        if position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"position_ids must be [batch_size, sequence_length] = [{batch}, {length}] (or [1, {length}], shared "
+                f"by every row) like the inputs, got {list(position_ids.shape)}."
+            )
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and (
+            attention_mask.shape[0] != batch or attention_mask.shape[1] < length):
+        raise ValueError(
+            f"attention_mask (2D) must be [batch_size, past + sequence_length] with batch_size {batch} and at least "
+            f"{length} columns, got {list(attention_mask.shape)}."
+        )
+
+
+# Normalised pixels, (x / 255 - mean) / std, lie in [-1, 1] with SigLIP's mean = std = 0.5 (NanoVisionImageProcessor's
+# default) and within a few units for any usual mean/std; raw 0-255 values lie far beyond this bound.
+PIXEL_VALUES_BOUND = 10.0
+
+
+def check_pixel_values(pixel_values: torch.Tensor, vision_config: SiglipVisionConfig) -> None:
+    """pixel_values: finite, normalised floats [num_images, channels, image_size, image_size]."""
+    expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+    fix = "preprocess images with NanoVisionImageProcessor (or the checkpoint's AutoProcessor)"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}: {fix}.")
+    if not pixel_values.dtype.is_floating_point:
+        raise TypeError(f"pixel_values must be rescaled and normalised floats, got {pixel_values.dtype}: {fix}.")
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}], got "
+            f"{list(pixel_values.shape)}; {fix}."
+        )
+    if pixel_values.numel():
+        largest = pixel_values.detach().abs().amax()
+        check_values(  # NaN fails the comparison too
+            largest <= PIXEL_VALUES_BOUND,
+            f"pixel_values must be finite and normalised (|x| <= {PIXEL_VALUES_BOUND:g}): {fix}, which rescales "
+            "by 1/255 and normalises; NaN or inf means the batch is corrupt upstream",
+            lambda: f"pixel_values reach {float(largest):g}" if largest.isfinite() else "pixel_values hold NaN or inf",
+        )
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the document each token belongs to, per row of `position_ids` [B, T]: a document starts wherever
+    the position does not follow the previous one (transformers' rule for packed rows; its own helper also asks
+    the device whether any row is packed at all, a synchronisation this avoids)."""
+    previous = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=-1)
+    return (position_ids != previous + 1).cumsum(-1)
+
+
+def padded_documents_mask(config: NanoVisionTextConfig, position_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The document mask of packed `position_ids`, to intersect with the causal and padding masks: transformers
+    reads the documents from position_ids only when no attention_mask is given, and otherwise lets the documents of
+    a row attend to each other. Flash attention applies a padding mask and ignores documents, so there a row must
+    hold one document (plus padding)."""
+    documents = document_ids(position_ids)
+    if "flash" in config._attn_implementation:
+        real = attention_mask.bool()
+        first = documents.masked_fill(~real, documents.shape[-1]).amin(-1)
+        last = documents.masked_fill(~real, -1).amax(-1)
+        check_values(
+            (last <= first).all(),
+            f"attn_implementation={config._attn_implementation!r} applies the attention_mask and ignores the packed "
+            "documents of position_ids: pass no attention_mask with packed rows (pad with position_ids restarting "
+            "at 0, as PackedDataCollator does), or use sdpa, flex_attention or nanovision_varlen",
+        )
+    return packed_sequence_mask_function(documents)
+
+
 class NanoVisionTextModel(NanoVisionPreTrainedModel):
     def __init__(self, config: NanoVisionTextConfig):
         super().__init__(config)
@@ -335,15 +459,22 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+        check_sequence_inputs(self.config, inputs_embeds, position_ids, attention_mask)
         # A cache created by this call holds no past, so the mask must not depend on it: transformers detects packed
         # rows (position_ids restarting at 0, no attention_mask) only when no cache is given.
         past_for_mask = past_key_values
         # Rows that are neither padded nor packed (no attention_mask, no position_ids, no past) are plain causal rows,
         # for which SDPA needs no mask (is_causal). transformers finds that eagerly, but under torch.compile before
-        # torch 2.14 it cannot and builds a [T, T] mask, which tripled the attention's time on an H200.
+        # torch 2.14 it cannot and builds a [T, T] mask, which keeps SDPA off its fastest kernels.
         plain_causal_sdpa = (attention_mask is None and position_ids is None and past_for_mask is None
                              and self.config._attn_implementation == "sdpa")
+        documents_mask = None
+        if (past_for_mask is None and position_ids is not None and isinstance(attention_mask, torch.Tensor)
+                and attention_mask.ndim == 2):
+            documents_mask = padded_documents_mask(
+                self.config, position_ids.expand(inputs_embeds.shape[0], -1), attention_mask)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
@@ -359,6 +490,7 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
             attention_mask=attention_mask,
             past_key_values=past_for_mask,
             position_ids=position_ids,
+            and_mask_function=documents_mask,
         )
         hidden_states = inputs_embeds
         if self.config.embedding_norm:
@@ -482,6 +614,15 @@ def causal_lm_loss_and_logits(model, hidden_states, labels, logits_to_keep, **kw
     return loss, logits
 
 
+def require_all_weights(checkpoint: str, loading_info: dict) -> None:
+    """Refuse a checkpoint that lacks weights of the model built from it: they would be random, silently."""
+    missing = sorted(loading_info["missing_keys"])
+    if missing:
+        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{checkpoint} lacks {len(missing)} weights the model needs ({listed}): it is not a "
+                         "checkpoint of this kind of model, or it is incomplete.")
+
+
 # ---------------------------------------------------------------------------- vision-language model
 
 
@@ -589,11 +730,34 @@ class NanoVisionMultimodalPreTrainedModel(NanoVisionPreTrainedModel):
         self._no_split_modules = self._no_split_modules & {type(module).__name__ for module in self.modules()}
 
     @torch.no_grad()
+    def initialize_weights(self):
+        """The vision tower's weights missing from a checkpoint get SigLIP's init, as in a new SiglipVisionModel.
+        transformers skips, for models outside its tree, every module whose own parameters are all loaded, which
+        includes modules with none of their own, such as SiglipAttention and SiglipMLP, whose init sets their
+        projections; SiglipPreTrainedModel's init then runs on those modules here. transformers' init functions leave
+        loaded weights as they are."""
+        tower = self.base_model.vision_tower
+        pending = [module for module in tower.modules() if not getattr(module, "_is_hf_initialized", False)]
+        super().initialize_weights()
+        for module in reversed(pending):  # children before their parents, as transformers initialises
+            SiglipPreTrainedModel._init_weights(tower, module)
+
+    @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, NanoVisionPerceiverConnector):
             init.normal_(module.queries, mean=0.0, std=module.queries.shape[-1] ** -0.5)
         else:
             super()._init_weights(module)
+
+
+def place_image_features(inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor):
+    """inputs_embeds [B, T, H] with the placeholders of `image_mask` [B, T] replaced, in reading order, by the rows of
+    `image_features` [num_images, tokens, H]. A gather where masked_scatter would do: masked_scatter's backward asks
+    the device how many tokens the mask holds, a synchronisation per training step."""
+    features = image_features.reshape(-1, image_features.shape[-1])
+    index = (image_mask.reshape(-1).cumsum(0) - 1).clamp(min=0)  # the feature row of each placeholder
+    placed = features.index_select(0, index).view_as(inputs_embeds)
+    return torch.where(image_mask.unsqueeze(-1), placed, inputs_embeds)
 
 
 class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
@@ -613,38 +777,53 @@ class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.embed_tokens = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
         """Vision tower + connector. `pooler_output` holds the image embeddings the language model sees,
-        [num_images, num_image_tokens, text hidden_size]."""
-        expected = (3, self.config.vision_config.image_size, self.config.vision_config.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape [num_images, {', '.join(map(str, expected))}], got "
-                f"{list(pixel_values.shape)}; preprocess images with NanoVisionImageProcessor."
-            )
+        [num_images, num_image_tokens, text hidden_size]; `hidden_states` / `attentions` are the tower's, when asked
+        for; `return_dict=False` gives the tuple."""
+        check_pixel_values(pixel_values, self.config.vision_config)
         layer = self.config.vision_feature_layer
         vision_outputs = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=layer != -1, return_dict=True
+            pixel_values.to(self.vision_tower.dtype),
+            output_hidden_states=bool(output_hidden_states) or layer != -1,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
         patches = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
-        vision_outputs.pooler_output = self.multi_modal_projector(patches)
-        return vision_outputs
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=self.multi_modal_projector(patches),
+            hidden_states=vision_outputs.hidden_states if output_hidden_states else None,  # else only for the layer
+            attentions=vision_outputs.attentions,
+        )
 
-    def check_image_tokens(self, input_ids: torch.LongTensor, num_images: int) -> None:
-        if torch.compiler.is_compiling():
-            return
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor):
+        """[batch, length] True at the `<image>` placeholders: from input_ids, or else where inputs_embeds hold the
+        placeholder's embedding (inputs built with `get_input_embeddings()(input_ids)`)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token).to(inputs_embeds.dtype)).all(-1)
+
+    def check_image_tokens(self, image_mask: torch.Tensor, num_images: int) -> None:
         per_image = self.config.num_image_tokens
-        num_tokens = int((input_ids == self.config.image_token_id).sum())
-        if num_tokens == num_images * per_image:
-            return
-        if num_tokens % per_image == 0:
-            raise ValueError(
-                f"Got {num_images} images but {num_tokens // per_image} <image> placeholders in input_ids "
-                f"({num_tokens} image tokens, {per_image} per image): pass one image per placeholder."
-            )
-        raise ValueError(
-            f"input_ids hold {num_tokens} image tokens (id {self.config.image_token_id}), which does not match "
-            f"{num_images} images x {per_image} tokens per image; build inputs with NanoVisionProcessor."
+        num_tokens = image_mask.sum()
+
+        def details():
+            count = int(num_tokens)
+            if count % per_image == 0:
+                return (f"Got {num_images} images but {count // per_image} <image> placeholders "
+                        f"({count} image tokens, {per_image} per image)")
+            return (f"the inputs hold {count} image tokens (id {self.config.image_token_id}), which is not "
+                    f"{num_images} images x {per_image} tokens per image")
+
+        check_values(
+            num_tokens == num_images * per_image,
+            f"the inputs must hold {per_image} <image> tokens (id {self.config.image_token_id}) per image, "
+            f"{num_images} images given: pass one image per placeholder and build inputs with NanoVisionProcessor",
+            details,
         )
 
     @can_return_tuple
@@ -662,19 +841,26 @@ class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.text_config.vocab_size)
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_features = None
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to find the <image> placeholder positions.")
             image_features = self.get_image_features(pixel_values).pooler_output
-            self.check_image_tokens(input_ids, image_features.shape[0])
-            image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            inputs_embeds = inputs_embeds.masked_scatter(
-                image_mask.to(inputs_embeds.device), image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            )
-        elif input_ids is not None and (past_key_values is None or past_key_values.get_seq_length() == 0):
-            self.check_image_tokens(input_ids, 0)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            if past_key_values is not None and image_mask.shape[0] == 1:
+                # Generating one row (as assisted decoding and prompt lookup do): tokens after the prompt, drafted or
+                # copied from it, may hold the placeholder id; the images fill the prompt's placeholders, the first.
+                num_image_tokens = image_features.shape[0] * self.config.num_image_tokens
+                image_mask = image_mask & (image_mask.cumsum(-1) <= num_image_tokens)
+            self.check_image_tokens(image_mask, image_features.shape[0])
+            if image_features.shape[0]:
+                inputs_embeds = place_image_features(inputs_embeds, image_mask.to(inputs_embeds.device),
+                                                     image_features.to(inputs_embeds.device, inputs_embeds.dtype))
+        elif past_key_values is None:
+            # Without a cache the images cannot be elsewhere. With one, placeholders may come without their images,
+            # as in-tree VLMs allow: an assistant model in assisted generation runs its prefill so, and a decoding
+            # step may hold a generated placeholder id (generate checks the prompt itself).
+            self.check_image_tokens(self.get_placeholder_mask(input_ids, inputs_embeds), 0)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -707,8 +893,22 @@ class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, Ge
     def get_output_embeddings(self):
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_image_features(self, pixel_values: torch.FloatTensor, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, output_hidden_states=output_hidden_states,
+                                             output_attentions=output_attentions, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None,
+                                      pixel_values=None, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration and model_inputs.get("pixel_values") is None:
+            # generate always passes a cache, against which forward accepts placeholders without images: the prompt
+            # must bring its own (an assistant model's prefill is no first iteration and goes without them)
+            embeds = model_inputs.get("inputs_embeds")
+            self.model.check_image_tokens(self.model.get_placeholder_mask(model_inputs.get("input_ids"), embeds), 0)
+        return model_inputs
 
     @property
     def trainable_parts(self) -> dict[str, list[nn.Module]]:
@@ -731,29 +931,51 @@ class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, Ge
 
     @classmethod
     def from_pretrained_components(cls, text: str, vision: str, **config_kwargs) -> "NanoVisionForConditionalGeneration":
-        """Assemble a VLM from a nanovision text checkpoint and a SigLIP checkpoint (a SiglipModel or
-        SiglipVisionModel folder or Hub id); the connector starts freshly initialised. A checkpoint that lacks
-        weights of its part is refused (transformers would initialise them at random)."""
+        """Assemble a VLM from the language model of a nanovision checkpoint (a text model, or a VLM whose language
+        model is taken) and a SigLIP checkpoint (a SiglipModel or SiglipVisionModel folder or Hub id); the connector
+        starts freshly initialised. A checkpoint of another kind, or one that lacks weights, is refused."""
+        text_type = PretrainedConfig.get_config_dict(text)[0].get("model_type")
+        text_classes = {"nanovision_text": NanoVisionForCausalLM, "nanovision": NanoVisionForConditionalGeneration}
+        if text_type not in text_classes:
+            raise ValueError(
+                f"from_pretrained_components(text={text!r}): a {text_type!r} checkpoint; text must be a nanovision "
+                "text model (model_type 'nanovision_text') or a nanovision VLM (model_type 'nanovision'), whose "
+                "language model is taken."
+            )
+        vision_type = PretrainedConfig.get_config_dict(vision)[0].get("model_type")
+        if vision_type not in ("siglip", "siglip_vision_model"):
+            raise ValueError(
+                f"from_pretrained_components(vision={vision!r}): a {vision_type!r} checkpoint; vision must be a SigLIP "
+                "checkpoint (model_type 'siglip' or 'siglip_vision_model'), e.g. google/siglip-base-patch16-224."
+            )
+        language, info = text_classes[text_type].from_pretrained(text, output_loading_info=True)
+        require_all_weights(text, info)
         vision_config = SiglipVisionConfig.from_pretrained(vision)
         vision_config.vision_use_head = False
-        tower, tower_info = SiglipVisionModel.from_pretrained(vision, config=vision_config, output_loading_info=True)
-        language, language_info = NanoVisionForCausalLM.from_pretrained(text, output_loading_info=True)
-        for path, part, info in ((vision, "SigLIP vision tower", tower_info), (text, "nanovision text model",
-                                                                                 language_info)):
-            if info["missing_keys"]:
-                raise ValueError(f"{path} lacks {len(info['missing_keys'])} weights of a {part} (e.g. "
-                                 f"{sorted(info['missing_keys'])[:3]}): give a {part} checkpoint.")
+        tower, info = SiglipVisionModel.from_pretrained(vision, config=vision_config, output_loading_info=True)
+        require_all_weights(vision, info)
         model = cls.from_text_model(language, tower.config, **config_kwargs)
         model.model.vision_tower.load_state_dict(tower.state_dict())
         return model
 
     @classmethod
-    def from_text_model(cls, language: NanoVisionForCausalLM, vision_config: SiglipVisionConfig,
-                        **config_kwargs) -> "NanoVisionForConditionalGeneration":
-        """A VLM around a trained nanovision text model; the vision tower and the connector start freshly
-        initialised."""
-        model = cls(NanoVisionConfig(text_config=language.config, vision_config=vision_config, **config_kwargs))
-        model.model.language_model.load_state_dict(language.model.state_dict())
+    def from_text_model(cls, language: "NanoVisionForCausalLM | NanoVisionForConditionalGeneration",
+                        vision_config: SiglipVisionConfig, **config_kwargs) -> "NanoVisionForConditionalGeneration":
+        """A VLM around a trained nanovision language model (a text model, or a VLM's); the vision tower and the
+        connector start freshly initialised."""
+        if isinstance(language, NanoVisionForCausalLM):
+            text_config, text_model = language.config, language.model
+        elif isinstance(language, NanoVisionForConditionalGeneration):
+            text_config, text_model = language.config.text_config, language.model.language_model
+        else:
+            raise TypeError(
+                "from_text_model needs a NanoVisionForCausalLM (or a NanoVisionForConditionalGeneration, whose "
+                f"language model is taken), got {type(language).__name__}; load it with AutoModelForCausalLM."
+            )
+        if not isinstance(vision_config, SiglipVisionConfig):
+            raise TypeError(f"from_text_model needs a SiglipVisionConfig, got {type(vision_config).__name__}.")
+        model = cls(NanoVisionConfig(text_config=text_config, vision_config=vision_config, **config_kwargs))
+        model.model.language_model.load_state_dict(text_model.state_dict())
         model.lm_head.load_state_dict(language.lm_head.state_dict())
         return model
 

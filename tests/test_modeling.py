@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    probe_inputs,
     randomize,
     run_without_nanovision,
     tiny_text_config,
@@ -147,6 +148,68 @@ def test_batched_left_padded_generate_equals_single():
         assert torch.equal(batched[row], model.generate(prompt[None], **kwargs)[0, len(prompt):])
 
 
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "flex_attention"])
+def test_packed_rows_with_a_padding_mask_equal_documents_run_alone(attn):
+    """position_ids restarting at 0 and a 2D attention_mask together: the documents stay apart and the padding is
+    masked (transformers alone reads the documents only without an attention_mask)."""
+    model = build("nanochat", attn=attn)
+    gen = torch.Generator().manual_seed(12)
+    rows = [[torch.randint(0, 96, (n,), generator=gen) for n in lengths] for lengths in ((5, 7), (4, 3, 2))]
+    width = max(sum(map(len, docs)) for docs in rows) + 2  # both rows end in padding
+    ids = torch.full((2, width), 2)
+    position_ids = torch.zeros((2, width), dtype=torch.long)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for r, docs in enumerate(rows):
+        n = sum(map(len, docs))
+        ids[r, :n] = torch.cat(docs)
+        position_ids[r, :n] = torch.cat([torch.arange(len(d)) for d in docs])
+        position_ids[r, n:] = torch.arange(width - n)
+        mask[r, :n] = 1
+    with torch.no_grad():
+        packed = model(ids, position_ids=position_ids, attention_mask=mask).logits
+        for r, docs in enumerate(rows):
+            alone = torch.cat([model(d[None]).logits[0] for d in docs])
+            torch.testing.assert_close(packed[r, : len(alone)], alone, atol=2e-5, rtol=1e-4)
+        without_mask = model(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(packed[mask.bool()], without_mask[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+LONG_IDS = torch.ones(2, 5, dtype=torch.long)
+BAD_TEXT_INPUTS = {
+    "ids >= vocab_size": (dict(input_ids=torch.tensor([[3, 96, 4]])), ValueError,
+                          r"ids from 3 to 96: input_ids must be token ids in \[0, vocab_size=96\)"),
+    "negative ids": (dict(input_ids=torch.tensor([[3, -100, 4]])), ValueError, "input_ids must be token ids in"),
+    "1-D ids": (dict(input_ids=torch.tensor([3, 4])), ValueError,
+                r"input_ids must be \[batch_size, sequence_length\].*input_ids\[None\]"),
+    "3-D ids": (dict(input_ids=torch.ones(2, 3, 4, dtype=torch.long)), ValueError,
+                r"input_ids must be \[batch_size, sequence_length\], got shape \[2, 3, 4\]"),
+    "float ids": (dict(input_ids=torch.ones(1, 4)), TypeError, "input_ids must hold integers"),
+    "empty batch": (dict(input_ids=torch.ones(0, 4, dtype=torch.long)), ValueError, "input_ids is empty"),
+    "empty rows": (dict(input_ids=torch.ones(2, 0, dtype=torch.long)), ValueError, "input_ids is empty"),
+    "position_ids too short": (dict(input_ids=LONG_IDS, position_ids=torch.arange(4)[None]), ValueError,
+                               r"position_ids must be \[batch_size, sequence_length\] = \[2, 5\]"),
+    "position_ids of another batch": (dict(input_ids=LONG_IDS, position_ids=torch.arange(5).repeat(3, 1)),
+                                      ValueError, "position_ids must be"),
+    "1-D position_ids": (dict(input_ids=LONG_IDS[:1], position_ids=torch.arange(5)), ValueError,
+                         r"position_ids must be .*position_ids\[None\]"),
+    "float position_ids": (dict(input_ids=LONG_IDS, position_ids=torch.zeros(2, 5)), TypeError,
+                           "position_ids must hold integers"),
+    "attention_mask of another batch": (dict(input_ids=LONG_IDS, attention_mask=torch.ones(3, 5)), ValueError,
+                                        r"attention_mask \(2D\) must be"),
+    "inputs_embeds of another width": (dict(inputs_embeds=torch.randn(1, 4, 32)), ValueError,
+                                       "inputs_embeds must be .*hidden_size=64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXT_INPUTS))
+def test_bad_forward_inputs_name_the_argument(case):
+    inputs, error, message = BAD_TEXT_INPUTS[case]
+    model = build("llama", attn="sdpa")
+    with pytest.raises(error, match=message):
+        model(**inputs)
+
+
 # ---------------------------------------------------------------- training features
 
 
@@ -282,3 +345,45 @@ def test_tensor_parallel_two_processes_match_one(tmp_path):
                           *map(str, checkpoints)], check=False, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- GPU: validation without host-device syncs
+
+ON_CUDA = os.environ.get("NANOVISION_TEST_CUDA", "0") == "1" and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="set NANOVISION_TEST_CUDA=1 on a machine with CUDA")
+@pytest.mark.parametrize("kind", ["text", "text packed with a padding mask", "vlm"])
+def test_training_step_adds_no_host_device_sync(kind):
+    """The forward's input checks (ids, positions, pixels, image placeholders) queue their value checks on the
+    device: a whole training step (forward, backward, optimizer) runs under sync debug mode "error"."""
+    torch.manual_seed(0)
+    if kind == "vlm":
+        config = tiny_vlm_config()
+        model = randomize(NanoVisionForConditionalGeneration(config))
+        inputs = probe_inputs(config)
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_id, -100)
+    else:
+        model = build("nanochat", attn="sdpa")
+        ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(13))
+        inputs = {"input_ids": ids, "labels": ids}
+        if kind != "text":
+            inputs["position_ids"] = torch.cat([torch.arange(6), torch.arange(10)]).repeat(2, 1)
+            inputs["attention_mask"] = torch.ones_like(ids).index_fill_(1, torch.tensor([14, 15]), 0)
+    model = model.cuda().train()
+    inputs = {name: value.cuda() for name, value in inputs.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()  # first-call setup (cuBLAS handles, allocator) may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -169,17 +169,20 @@ def test_pack_dataset_beyond_a_list_columns_items_uses_large_lists(monkeypatch):
 @pytest.fixture(scope="module")
 def stage_examples():
     """Each stage's built-in data, tokenized as the stage tokenizes it (4 image tokens per image)."""
+    from nanovision.processing_nanovision import NanoVisionImageProcessor, NanoVisionProcessor
     from nanovision.tokenizer import train_tokenizer
     from nanovision.training.data import builtin_dataset, tokenize_for_stage
 
     tokenizer = train_tokenizer(builtin_dataset("base", 200, 1, 16)["train"]["text"], vocab_size=400)
-    image_ids = dict(image_token_id=tokenizer.convert_tokens_to_ids("<image>"), num_image_tokens=4,
-                     image_start_token_id=tokenizer.convert_tokens_to_ids("<|image_start|>"),
-                     image_end_token_id=tokenizer.convert_tokens_to_ids("<|image_end|>"))
+    processor = NanoVisionProcessor(NanoVisionImageProcessor(size={"height": 16, "width": 16}), tokenizer,
+                                    num_image_tokens=4)
+    image_ids = dict(image_token_id=processor.image_token_id, num_image_tokens=4,
+                     image_start_token_id=processor.image_start_token_id,
+                     image_end_token_id=processor.image_end_token_id)
     examples = {}
     for stage in ("base", "vision", "sft"):
         raw = builtin_dataset(stage, 24, 1, 16, turns=3)["train"]
-        examples[stage] = (tokenize_for_stage(raw, stage, tokenizer, 4), {} if stage == "base" else image_ids)
+        examples[stage] = (tokenize_for_stage(raw, stage, tokenizer, processor), {} if stage == "base" else image_ids)
     return examples
 
 

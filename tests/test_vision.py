@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from conftest import TINY_VISION, randomize, run_without_nanovision, tiny_text_config, tiny_vlm_config
+import safetensors.torch
 from transformers import AutoModel, AutoModelForImageTextToText, SiglipVisionConfig, SiglipVisionModel
 
 from nanovision import NanoVisionForCausalLM, NanoVisionForConditionalGeneration, NanoVisionModel
@@ -102,6 +103,130 @@ def test_model_errors_name_the_problem():
         model(ids, pixel_values=torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match=r"Got 0 images but 2 <image> placeholders"):
         model(ids)
+
+
+BAD_PIXELS = {
+    "uint8": (lambda: (pixels(2) * 127 + 128).clamp(0, 255).to(torch.uint8), TypeError,
+              "pixel_values must be rescaled and normalised floats, got torch.uint8"),
+    "int64": (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.long), TypeError, "got torch.int64"),
+    "unnormalised 0-255": (lambda: (pixels(2) * 127 + 128).clamp(0, 255), ValueError,
+                           r"pixel_values reach 255: pixel_values must be finite and normalised \(\|x\| <= 10\)"),
+    "NaN": (lambda: pixels(2).index_put_((torch.tensor([1]),), torch.tensor(float("nan"))), ValueError,
+            "pixel_values hold NaN or inf"),
+    "inf": (lambda: pixels(2).index_put_((torch.tensor([0]),), torch.tensor(float("-inf"))), ValueError,
+            "pixel_values hold NaN or inf"),
+    "wrong size": (lambda: torch.randn(2, 3, 64, 64), ValueError,
+                   r"pixel_values must have shape \[num_images, 3, 32, 32\]"),
+    "wrong channels": (lambda: torch.randn(2, 1, 32, 32), ValueError, r"got \[2, 1, 32, 32\]"),
+    "channels last": (lambda: torch.randn(2, 32, 32, 3), ValueError, r"got \[2, 32, 32, 3\]"),
+    "one image, no batch dimension": (lambda: torch.randn(3, 32, 32), ValueError, "pixel_values must have shape"),
+    "a list": (lambda: [torch.randn(3, 32, 32)] * 2, TypeError, "pixel_values must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PIXELS))
+def test_bad_pixel_values_name_the_argument(case):
+    make, error, message = BAD_PIXELS[case]
+    model = build()
+    ids = torch.tensor([sample([2, 2])])
+    with pytest.raises(error, match=message):
+        model(ids, pixel_values=make())
+    with pytest.raises(error, match=message):
+        model.get_image_features(make())
+
+
+@pytest.mark.parametrize("case", ["ids", "embeds"])
+def test_placeholder_count_is_checked_from_ids_and_from_embeddings(case):
+    model = build()
+    ids = torch.tensor([sample([2, 2])])
+    inputs = {"input_ids": ids} if case == "ids" else {"inputs_embeds": model.get_input_embeddings()(ids)}
+    with pytest.raises(ValueError, match="Got 1 images but 2 <image> placeholders"):
+        model(**inputs, pixel_values=pixels(1))
+    with pytest.raises(ValueError, match="Got 0 images but 2 <image> placeholders"):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_get_image_features_honours_output_flags(feature_layer):
+    torch.manual_seed(0)
+    config = tiny_vlm_config(vision_feature_layer=feature_layer, vision_config=dict(TINY_VISION, num_hidden_layers=2))
+    model = randomize(AutoModelForImageTextToText.from_config(config, attn_implementation="eager")).eval()
+    px = pixels(2)
+    with torch.no_grad():
+        plain = model.get_image_features(px)
+        full = model.get_image_features(px, output_hidden_states=True, output_attentions=True)
+        as_tuple = model.get_image_features(px, return_dict=False)
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(full.hidden_states) == 3 and len(full.attentions) == 2  # embeddings + 2 layers; 2 layers
+    assert full.attentions[0].shape == (2, 2, 16, 16)  # [images, heads, patches, patches]
+    torch.testing.assert_close(full.pooler_output, plain.pooler_output)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], plain.last_hidden_state)
+    torch.testing.assert_close(as_tuple[1], plain.pooler_output)
+
+
+def test_missing_tower_weights_get_siglip_init(tmp_path):
+    """A checkpoint without the vision tower's weights: the language model and connector load, the tower gets what a
+    new SiglipVisionModel of its config gets (xavier attention and MLP projections, near-zero MLP biases), not the
+    language model's init."""
+    wide = dict(TINY_VISION, hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    model = randomize(NanoVisionForConditionalGeneration(tiny_vlm_config(vision_config=wide)), seed=3)
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    safetensors.torch.save_file({k: v for k, v in weights.items() if ".vision_tower." not in k},
+                                tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = NanoVisionForConditionalGeneration.from_pretrained(tmp_path)
+    for name, value in loaded.state_dict().items():
+        if ".vision_tower." not in name:
+            torch.testing.assert_close(value, model.state_dict()[name], msg=name)
+    torch.manual_seed(0)
+    reference = SiglipVisionModel(loaded.config.vision_config).state_dict()
+    tower = loaded.model.vision_tower.state_dict()
+    assert set(tower) == set(reference)
+    for name, expected in reference.items():
+        actual = tower[name]
+        if expected.is_floating_point():
+            assert abs(actual.std() - expected.std()) <= 0.1 * expected.std() + 1e-6, name
+            assert abs(actual.mean() - expected.mean()) <= 0.1 * expected.std() + 1e-6, name
+    fc1_bias = tower["encoder.layers.0.mlp.fc1.bias"]
+    assert 0 < fc1_bias.std() < 1e-5  # SigLIP's normal(std=1e-6), where a Linear's own init would give zeros
+
+
+def test_from_pretrained_components_refuses_what_is_not_its_part(tmp_path):
+    torch.manual_seed(0)
+    text = randomize(NanoVisionForCausalLM(tiny_text_config()))
+    text.save_pretrained(tmp_path / "text")
+    SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).save_pretrained(tmp_path / "siglip")
+    vlm = build()
+    vlm.save_pretrained(tmp_path / "vlm")
+    with pytest.raises(ValueError, match=r"vision=.*vlm'\): a 'nanovision' checkpoint; vision must be a SigLIP"):
+        NanoVisionForConditionalGeneration.from_pretrained_components(text=str(tmp_path / "text"),
+                                                                      vision=str(tmp_path / "vlm"))
+    with pytest.raises(ValueError, match=r"text=.*siglip'\): a 'siglip_vision_model' checkpoint; text must be"):
+        NanoVisionForConditionalGeneration.from_pretrained_components(text=str(tmp_path / "siglip"),
+                                                                      vision=str(tmp_path / "siglip"))
+    # a VLM as the text part: its language model, exactly
+    rebuilt = NanoVisionForConditionalGeneration.from_pretrained_components(text=str(tmp_path / "vlm"),
+                                                                            vision=str(tmp_path / "siglip"))
+    ids = torch.randint(10, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, vlm(ids).logits)
+    # a checkpoint of the right kind that lacks weights
+    weights = safetensors.torch.load_file(tmp_path / "text" / "model.safetensors")
+    safetensors.torch.save_file({k: v for k, v in weights.items() if "layers.1." not in k},
+                                tmp_path / "text" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"text lacks \d+ weights the model needs \(model.layers.1"):
+        NanoVisionForConditionalGeneration.from_pretrained_components(text=str(tmp_path / "text"),
+                                                                      vision=str(tmp_path / "siglip"))
+
+
+def test_from_text_model_checks_its_arguments():
+    with pytest.raises(TypeError, match="from_text_model needs a NanoVisionForCausalLM"):
+        NanoVisionForConditionalGeneration.from_text_model(SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)),
+                                                           SiglipVisionConfig(**TINY_VISION))
+    with pytest.raises(TypeError, match="from_text_model needs a SiglipVisionConfig"):
+        NanoVisionForConditionalGeneration.from_text_model(NanoVisionForCausalLM(tiny_text_config()),
+                                                           tiny_text_config())
 
 
 def test_freeze_helpers():

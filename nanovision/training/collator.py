@@ -7,7 +7,6 @@ them. Trainer counts ``num_items_in_batch`` from ``labels[..., 1:] != IGNORE_IND
 document starts makes equal to the unpacked count.
 """
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,6 @@ from ..kernels import document_bounds
 from ..modeling_nanovision import IGNORE_INDEX
 from .bin_packing import first_fit_decreasing
 
-logger = logging.getLogger("nanovision")
 
 
 def _as_int_array(values, what: str) -> np.ndarray:
@@ -80,9 +78,10 @@ class PackedDataCollator:
     concatenated in row-major placeholder order into ``pixel_values`` [num_images, 3, H, W]; an optional
     ``num_images`` is checked against them.
 
-    No ``attention_mask`` is returned: with one, transformers stops detecting the documents of a row and lets them
-    attend to each other. ``return_attention_mask=True`` adds the 2D padding mask (1 = real token) for other
-    consumers; do not pass it to the model if documents must stay separate.
+    No ``attention_mask`` is returned: the restarting ``position_ids`` already say where each document and the
+    padding end. ``return_attention_mask=True`` adds the 2D padding mask (1 = real token); nanovision's models
+    combine it with the documents of ``position_ids`` (eager, sdpa, flex_attention, nanovision_varlen) and refuse it
+    on flash_attention_* for rows of several documents.
 
     flash_attention_2/3: transformers derives ``cu_seqlens`` from ``position_ids`` only for a batch of ONE row
     (``_is_packed_sequence`` checks ``batch_size == 1``); with several rows it silently runs plain causal attention
@@ -108,11 +107,6 @@ class PackedDataCollator:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
-        if self.return_attention_mask:
-            logger.warning(
-                "PackedDataCollator(return_attention_mask=True): an attention_mask passed to the model disables "
-                "transformers' packed-document masking, so documents of a row would attend to each other."
-            )
 
     def __call__(self, features: list[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if return_tensors not in (None, "pt"):
