@@ -3,10 +3,14 @@
 Importing the package registers its configs, models and processors with transformers' Auto classes.
 """
 
-import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-# transformers 5.16/5.17 export a torchvision-requiring placeholder as the top-level AutoImageProcessor
-from transformers.models.auto.image_processing_auto import AutoImageProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from . import presets
 from .configuration_nanovision import NanoVisionConfig, NanoVisionTextConfig
@@ -28,8 +32,6 @@ AutoModel.register(NanoVisionConfig, NanoVisionModel)
 AutoModelForImageTextToText.register(NanoVisionConfig, NanoVisionForConditionalGeneration)
 AutoImageProcessor.register(NanoVisionConfig, image_processor_classes={"pil": NanoVisionImageProcessor})
 AutoProcessor.register(NanoVisionConfig, NanoVisionProcessor)
-if hasattr(transformers, "AutoModelForVision2Seq"):  # removed in transformers 5
-    transformers.AutoModelForVision2Seq.register(NanoVisionConfig, NanoVisionForConditionalGeneration)
 # save_pretrained then writes the modeling files next to the weights: the folder loads with trust_remote_code=True
 # where nanovision is not installed.
 NanoVisionTextConfig.register_for_auto_class()

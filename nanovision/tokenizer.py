@@ -51,12 +51,6 @@ SPECIAL_TOKENS = [
     RESERVED_TOKEN,
 ]
 SPECIAL_TOKEN_IDS = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-BOS_TOKEN_ID = SPECIAL_TOKEN_IDS[BOS_TOKEN]
-EOS_TOKEN_ID = SPECIAL_TOKEN_IDS[EOS_TOKEN]
-PAD_TOKEN_ID = SPECIAL_TOKEN_IDS[PAD_TOKEN]
-IMAGE_TOKEN_ID = SPECIAL_TOKEN_IDS[IMAGE_TOKEN]
-IMAGE_START_TOKEN_ID = SPECIAL_TOKEN_IDS[IMAGE_START_TOKEN]
-IMAGE_END_TOKEN_ID = SPECIAL_TOKEN_IDS[IMAGE_END_TOKEN]
 
 # Named multimodal tokens. transformers 5.x turns a dict of `extra_special_tokens` into attributes,
 # so `tokenizer.image_token` / `tokenizer.image_token_id` (and the start/end variants) work, and they
@@ -201,12 +195,6 @@ __all__ = [
     "IMAGE_START_TOKEN",
     "IMAGE_END_TOKEN",
     "RESERVED_TOKEN",
-    "BOS_TOKEN_ID",
-    "EOS_TOKEN_ID",
-    "PAD_TOKEN_ID",
-    "IMAGE_TOKEN_ID",
-    "IMAGE_START_TOKEN_ID",
-    "IMAGE_END_TOKEN_ID",
     "CHAT_TEMPLATE",
     "train_tokenizer",
     "build_backend_tokenizer",
