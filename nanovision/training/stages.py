@@ -155,7 +155,8 @@ def run_stage(args: StageArguments, training_args: NanoVisionTrainingArguments, 
     if args.tower_pretrain_steps:
         pretrain_vision_tower(model, processor, dataset, args.tower_pretrain_steps, training_args.output_dir,
                               batch_size=args.tower_pretrain_batch_size, learning_rate=args.tower_pretrain_lr,
-                              seed=training_args.seed, bf16=training_args.bf16, phrases=args.tower_pretrain_phrases)
+                              seed=training_args.seed, bf16=training_args.bf16, phrases=args.tower_pretrain_phrases,
+                              disable_tqdm=training_args.disable_tqdm)
     if is_vlm:
         wanted = set(args.train_modules.split(","))
         model.set_trainable(**{part: part in wanted for part in PARTS})

@@ -129,17 +129,18 @@ class CaptionWordsCollator:
 
 def pretrain_vision_tower(model, processor, dataset, steps: int, output_dir: str, batch_size: int = 64,
                           learning_rate: float = 1e-3, seed: int = 0, bf16: bool = False,
-                          phrases: bool = False) -> float:
+                          phrases: bool = False, disable_tqdm: bool = False) -> float:
     """Train `model`'s vision tower and connector for `steps` steps on `dataset` (`image`, `caption` columns)
     with the HF Trainer. Leaves the language model frozen and the tower and connector trainable: the caller sets
-    the parts its next training trains. `phrases`: add the phrase-matching term (module docstring). Returns the
-    mean training loss."""
+    the parts its next training trains. `phrases`: add the phrase-matching term (module docstring);
+    `disable_tqdm`: as the stage's TrainingArguments (plain log lines instead of a bar). Returns the mean training
+    loss."""
     model.set_trainable(vision_tower=True, connector=True, language_model=False)
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0, optim="adamw_torch_fused",
         logging_steps=max(1, steps // 10), save_strategy="no", remove_unused_columns=False, report_to=[], seed=seed,
-        dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available(), disable_tqdm=disable_tqdm,
     )
     dataset = PreparedCaptions(dataset, processor.image_processor, processor.tokenizer, phrases)
     trainer = Trainer(model=CaptionWordsObjective(model), args=args, train_dataset=dataset,
