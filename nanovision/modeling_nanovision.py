@@ -856,11 +856,6 @@ class NanoVisionModel(NanoVisionMultimodalPreTrainedModel):
             if image_features.shape[0]:
                 inputs_embeds = place_image_features(inputs_embeds, image_mask.to(inputs_embeds.device),
                                                      image_features.to(inputs_embeds.device, inputs_embeds.dtype))
-        elif past_key_values is None:
-            # Without a cache the images cannot be elsewhere. With one, placeholders may come without their images,
-            # as in-tree VLMs allow: an assistant model in assisted generation runs its prefill so, and a decoding
-            # step may hold a generated placeholder id (generate checks the prompt itself).
-            self.check_image_tokens(self.get_placeholder_mask(input_ids, inputs_embeds), 0)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -993,6 +988,13 @@ class NanoVisionForConditionalGeneration(NanoVisionMultimodalPreTrainedModel, Ge
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> NanoVisionCausalLMOutputWithPast:
+        if pixel_values is None and past_key_values is None:
+            # Without a cache the images cannot be elsewhere. With one, placeholders may come without their images,
+            # as in-tree VLMs allow: an assistant model in assisted generation runs its prefill so, and a decoding
+            # step may hold a generated placeholder id (generate checks the prompt itself). The base model does not
+            # check, as in-tree VLMs do not: vLLM's Transformers backend runs it on text-only batches whose prompts
+            # vLLM has validated, and an error there would stop the engine for every request.
+            self.model.check_image_tokens(self.model.get_placeholder_mask(input_ids, inputs_embeds), 0)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

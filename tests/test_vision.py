@@ -105,6 +105,17 @@ def test_model_errors_name_the_problem():
         model(ids)
 
 
+def test_base_model_runs_placeholders_without_images_as_vllm_calls_it():
+    """vLLM's Transformers backend runs the base model (AutoModel) on text-only batches, whose prompts may hold the
+    placeholder id; raising there would stop the engine for every request, so only the generation class checks."""
+    model = build()
+    ids = torch.tensor([sample([2, 2])])
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    assert hidden.shape == (1, ids.shape[1], model.config.text_config.hidden_size)
+    with pytest.raises(ValueError, match=r"Got 0 images but 2 <image> placeholders"):
+        model(ids, use_cache=False)
+
+
 BAD_PIXELS = {
     "uint8": (lambda: (pixels(2) * 127 + 128).clamp(0, 255).to(torch.uint8), TypeError,
               "pixel_values must be rescaled and normalised floats, got torch.uint8"),
