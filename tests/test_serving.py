@@ -4,7 +4,6 @@ the text architecture is served once more by the CLI in a subprocess."""
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

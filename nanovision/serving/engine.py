@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
+from ..tokenizer import IMAGE_TOKEN
+
 logger = logging.getLogger("nanovision")
 
-IMAGE_TOKEN = "<image>"
 VLLM_INSTALL_HINT = 'pip install "nanovision[serve-cpu]" on a CPU machine, "nanovision[serve]" with a GPU'
 
 
