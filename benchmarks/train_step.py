@@ -334,11 +334,9 @@ def main():
     packed_rows = lognormal_rows(s)
     packed, useful = make_batch(s, device, packed_rows)
     packed_result = []
-    # the Triton varlen kernels are no torch.library op: compiled, the model would break its graph at each attention
     for attn in args.packed:
-        compiled = attn != "nanovision_varlen"
         name = f"nanovision best, packed ({attn})"
-        VARIANTS[name] = (lambda s, attn=attn: nanovision_model(s, attn, "llama", True), None, compiled)
+        VARIANTS[name] = (lambda s, attn=attn: nanovision_model(s, attn, "llama", True), None, True)
         packed_result.append(bench_variant(name, s, device, peak, packed, useful, args.steps, args.warmup))
         print(f"{name:42s} {packed_result[-1]['tokens_per_s']:10.0f} useful tok/s "
               f"({useful / (s['batch'] * s['seq']):.1%} of the row tokens are real)")

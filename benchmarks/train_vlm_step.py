@@ -94,6 +94,8 @@ VARIANTS = {
                                                        True),
     "nanovision fused + flash_attention_4": (lambda s, r: nanovision_vlm(s, r, "flash_attention_4"), False, True),
     "nanovision fused + nanovision_varlen": (lambda s, r: nanovision_vlm(s, r, "nanovision_varlen"), False, True),
+    "nanovision fused + nanovision_varlen + compile": (lambda s, r: nanovision_vlm(s, r, "nanovision_varlen"), True,
+                                                       True),
     "nanovision fused + flex_attention + compile": (lambda s, r: nanovision_vlm(s, r, "flex_attention"), True, False),
     "llava + liger + compile": (liger_llava, "try", False),
 }

@@ -1,7 +1,9 @@
-"""Packed rows through the real flash-attention backends equal the documents run one by one (GPU only).
+"""Packed rows through the packed-attention backends equal the documents run one by one (GPU only), eager and
+compiled.
 
-Runs with NANOVISION_TEST_CUDA=1 on a CUDA machine, for each backend whose package is installed: flash_attention_4
-needs `flash-attn-4` (CuTe DSL, Hopper or newer), flash_attention_2 `flash-attn`. Documents of several lengths are
+Runs with NANOVISION_TEST_CUDA=1 on a CUDA machine, for nanovision's own Triton `nanovision_varlen` and each flash
+backend whose package is installed: flash_attention_4 needs `flash-attn-4` (CuTe DSL, Hopper or newer),
+flash_attention_2 `flash-attn`. Documents of several lengths are
 packed into two rows of unequal length (so the shorter row is padded) by PackedDataCollator with the flash kwargs;
 every document's logits and the parameter gradients of the summed loss are compared with the same weights running
 each document alone through SDPA.
@@ -22,6 +24,7 @@ if os.environ.get("NANOVISION_TEST_CUDA", "0") != "1" or not torch.cuda.is_avail
     pytest.skip("flash attention needs NANOVISION_TEST_CUDA=1 and a CUDA device", allow_module_level=True)
 
 BACKENDS = [
+    "nanovision_varlen",
     pytest.param("flash_attention_2", marks=pytest.mark.skipif(not is_flash_attn_2_available(),
                                                                reason="flash-attn is not installed")),
     pytest.param("flash_attention_4", marks=pytest.mark.skipif(not is_flash_attn_4_available(),
@@ -76,14 +79,18 @@ def packed_batch(docs):
     return PackedDataCollator(return_flash_attn_kwargs=True)(features)
 
 
-def check_packed_equals_separate(build, attn, docs):
-    """build(attn) -> the model, same weights for every attn; compares logits and gradients."""
+def check_packed_equals_separate(build, attn, docs, compiled=False):
+    """build(attn) -> the model, same weights for every attn; compares logits and gradients. compiled: the packed
+    model runs under torch.compile, compiled afresh (the earlier cases' recompilations would make this one's shapes
+    dynamic; see benchmarks/RESULTS.md, 2026-12-02, on torch 2.11's inductor)."""
     device = torch.device("cuda")
+    if compiled:
+        torch._dynamo.reset()
     reference, flash = build("sdpa").to(device).train(), build(attn).to(device).train()
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed_batch(docs).items()}
     labels = batch.pop("labels")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        packed_logits = flash(**batch).logits
+        packed_logits = (torch.compile(flash) if compiled else flash)(**batch).logits
     summed_loss(packed_logits, labels).backward()
 
     separate_logits = []
@@ -118,20 +125,22 @@ def check_packed_equals_separate(build, attn, docs):
     assert rel_error(grads[worst], want[worst]) < 1e-1, worst
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eager-ops", "fused-kernels"])
 @pytest.mark.parametrize("attn", BACKENDS)
-def test_packed_text_rows_match_separate_documents(attn, fused):
+def test_packed_text_rows_match_separate_documents(attn, fused, compiled):
     config = lambda: tiny_text_config(**TEXT, use_fused_kernels=fused)  # noqa: E731
 
     def build(implementation):
         return randomize(AutoModelForCausalLM.from_config(config(), attn_implementation=implementation), std=0.05)
 
-    check_packed_equals_separate(build, attn, documents())
+    check_packed_equals_separate(build, attn, documents(), compiled)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eager-ops", "fused-kernels"])
 @pytest.mark.parametrize("attn", BACKENDS)
-def test_packed_vlm_rows_match_separate_documents(attn, fused):
+def test_packed_vlm_rows_match_separate_documents(attn, fused, compiled):
     def config():
         return tiny_vlm_config(text=tiny_text_config(**TEXT, use_fused_kernels=fused), vision_config=dict(VISION),
                                image_token_id=IMAGE_TOKEN_ID)
@@ -140,4 +149,21 @@ def test_packed_vlm_rows_match_separate_documents(attn, fused):
         return randomize(AutoModelForImageTextToText.from_config(config(), attn_implementation=implementation),
                          std=0.05)
 
-    check_packed_equals_separate(build, attn, documents(config().num_image_tokens, VISION["image_size"]))
+    check_packed_equals_separate(build, attn, documents(config().num_image_tokens, VISION["image_size"]), compiled)
+
+
+@pytest.mark.parametrize("vlm", [False, True], ids=["text", "vlm"])
+def test_varlen_attention_compiles_without_graph_breaks(vlm):
+    """The Triton varlen kernels are torch.library ops: a compiled packed model is one graph, with no break at each
+    attention (whose host time an eager step pays per layer)."""
+    text = tiny_text_config(**TEXT)
+    if vlm:
+        config = tiny_vlm_config(text=text, vision_config=dict(VISION), image_token_id=IMAGE_TOKEN_ID)
+        model = AutoModelForImageTextToText.from_config(config, attn_implementation="nanovision_varlen").model
+        docs = documents(config.num_image_tokens, VISION["image_size"])
+    else:
+        model = AutoModelForCausalLM.from_config(text, attn_implementation="nanovision_varlen").model
+        docs = documents()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed_batch(docs).items() if k != "labels"}
+    explanation = torch._dynamo.explain(model.cuda())(**batch)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

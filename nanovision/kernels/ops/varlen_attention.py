@@ -14,7 +14,7 @@ every dk / dv row has a single writer: no atomics), then dQ with one program per
 head). Only the blocks that straddle the diagonal or the document's end pay for masking.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ try:
     import triton
     import triton.language as tl
 
-    from .launch import with_unit_last_stride
+    from torch.library import triton_op
+
+    from .launch import with_unit_last_stride, wrap_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -140,6 +142,9 @@ if HAS_TRITON:
     ):
         # the diagonal blocks start exactly at the query block's first row
         tl.static_assert(BLOCK_M % BLOCK_N == 0)
+        # inside a compiled graph the scale can arrive as an fp64 scalar (a symbolic float), which would promote every
+        # score to fp64
+        qk_scale = tl.cast(qk_scale, tl.float32)
         # causal work grows with the query position: launch a document's last (heaviest) query blocks first so the
         # light ones fill the tail of the grid
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -260,6 +265,7 @@ if HAS_TRITON:
     ):
         # the query blocks that straddle the diagonal are exactly those covering [start_n, start_n + BLOCK_N)
         tl.static_assert(BLOCK_N % BLOCK_M == 0)
+        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)  # as in the forward
         # a key block's work shrinks with its position, so the natural order already launches the heaviest first
         start_n = tl.program_id(0) * BLOCK_N
         seq = tl.program_id(1)
@@ -363,6 +369,7 @@ if HAS_TRITON:
     ):
         tl.static_assert(BLOCK_M % BLOCK_N == 0)
         # heaviest (last) query blocks first, as in the forward
+        sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
         seq = tl.program_id(1)
         head = tl.program_id(2)
@@ -475,101 +482,113 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
         raise ValueError(
             f"varlen_attention: at most {MAX_GRID_YZ} documents (cu_seqlens has {cu_seqlens.numel() - 1}) and heads"
         )
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    # a SymInt inside a compiled graph
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
         raise ValueError(f"varlen_attention: max_seqlen must be a non-negative python int; got {max_seqlen!r}")
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen, scale):
-    total, n_heads, head_dim = q.shape
-    out = torch.empty((total, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
-    if total == 0 or max_seqlen == 0:
+# The kernels run as torch.library ops: torch.compile keeps them in its graph (no graph break at every attention of a
+# compiled model, whose host time an eager step pays per layer) and launches them from its generated code; an eager
+# call runs the same functions. max_seqlen is an int argument, so a compiled graph takes it as a symbol.
+if HAS_TRITON:
+
+    @triton_op("nanovision::varlen_attention_forward", mutates_args=())
+    def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out [total, Hq, D], log2-domain row log-sum-exp [Hq, total] fp32)."""
+        total, n_heads, head_dim = q.shape
+        out = torch.empty((total, n_heads, head_dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
+        if total == 0 or max_seqlen == 0:
+            return out, lse
+        (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim, q.is_cuda)
+        # programs past a short document's end exit at once; numbering the blocks across documents instead (a scan of
+        # cu_seqlens per program) was no faster on H100 with 2048-token rows of ~600-token documents
+        grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, n_heads)
+        wrap_triton(_varlen_fwd_kernel)[grid](
+            q, k, v, out, lse, cu_seqlens,
+            scale * LOG2E,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            lse.stride(0),
+            GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            PRECISION=_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
         return out, lse
-    (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim, q.is_cuda)
-    # programs past a short document's end exit at once; numbering the blocks across documents instead (a scan of
-    # cu_seqlens per program) was no faster on H100 with 2048-token rows of ~600-token documents
-    grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, n_heads)
-    _varlen_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens,
-        scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        lse.stride(0),
-        GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return out, lse
 
+    @triton_op("nanovision::varlen_attention_backward", mutates_args=())
+    def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) of `_forward`'s inputs."""
+        total, n_heads, head_dim = q.shape
+        n_kv_heads = k.shape[1]
+        dq = torch.empty((total, n_heads, head_dim), dtype=q.dtype, device=q.device)
+        dk = torch.empty((total, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
+        dv = torch.empty((total, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
+        if total == 0 or max_seqlen == 0:
+            return dq, dk, dv
+        _, (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _configs(
+            head_dim, q.is_cuda)
+        num_seqs = cu_seqlens.numel() - 1
+        group = n_heads // n_kv_heads
+        precision = _precision(q.dtype)
 
-def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-    total, n_heads, head_dim = q.shape
-    n_kv_heads = k.shape[1]
-    dq = torch.empty((total, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((total, n_kv_heads, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((total, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
-    if total == 0 or max_seqlen == 0:
+        delta = torch.empty_like(lse)
+        wrap_triton(_varlen_bwd_preprocess_kernel)[(triton.cdiv(total, PREPROCESS_BLOCK_M), n_heads)](
+            out, do, delta,
+            out.stride(0), out.stride(1),
+            do.stride(0), do.stride(1),
+            delta.stride(0),
+            total,
+            HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
+        )
+        wrap_triton(_varlen_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, dkdv_n), num_seqs, n_kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens,
+            scale, scale * LOG2E,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1),
+            dk.stride(0), dk.stride(1),
+            dv.stride(0), dv.stride(1),
+            lse.stride(0),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=precision,
+            num_warps=dkdv_warps, num_stages=dkdv_stages,
+        )
+        wrap_triton(_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen, dq_m), num_seqs, n_heads)](
+            q, k, v, do, lse, delta, dq, cu_seqlens,
+            scale, scale * LOG2E,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1),
+            dq.stride(0), dq.stride(1),
+            lse.stride(0),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=precision,
+            num_warps=dq_warps, num_stages=dq_stages,
+        )
         return dq, dk, dv
-    _, (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _configs(
-        head_dim, q.is_cuda)
-    num_seqs = cu_seqlens.numel() - 1
-    group = n_heads // n_kv_heads
-    precision = _precision(q.dtype)
-
-    delta = torch.empty_like(lse)
-    _varlen_bwd_preprocess_kernel[(triton.cdiv(total, PREPROCESS_BLOCK_M), n_heads)](
-        out, do, delta,
-        out.stride(0), out.stride(1),
-        do.stride(0), do.stride(1),
-        delta.stride(0),
-        total,
-        HEAD_DIM=head_dim, BLOCK_M=PREPROCESS_BLOCK_M,
-    )
-    _varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_n), num_seqs, n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens,
-        scale, scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1),
-        lse.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=precision,
-        num_warps=dkdv_warps, num_stages=dkdv_stages,
-    )
-    _varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_m), num_seqs, n_heads)](
-        q, k, v, do, lse, delta, dq, cu_seqlens,
-        scale, scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1),
-        lse.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=precision,
-        num_warps=dq_warps, num_stages=dq_stages,
-    )
-    return dq, dk, dv
 
 
-class VarlenAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
-        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.max_seqlen = max_seqlen
-        ctx.scale = scale
-        return out
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _backward(with_unit_last_stride(dout), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-        return dq, dk, dv, None, None, None
+
+def _backward_from_context(ctx, dout, _):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _backward(with_unit_last_stride(dout), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+if HAS_TRITON:
+    _forward.register_autograd(_backward_from_context, setup_context=_setup_context)
 
 
 def varlen_attention(
@@ -589,4 +608,5 @@ def varlen_attention(
     _check_inputs(q, k, v, cu_seqlens, max_seqlen)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, float(scale))
+    q, k, v = with_unit_last_stride(q), with_unit_last_stride(k), with_unit_last_stride(v)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, float(scale))[0]

@@ -1,0 +1,150 @@
+"""Packed (varlen) attention on one GPU: nanovision's Triton kernels against dense causal cuDNN attention over the same
+rows, in one run, and a sweep of the kernels' launch configs (tile sizes, warps, pipeline stages).
+
+Shape: the d20 attention (10 query heads, 5 KV heads, head dim 128, bf16), 8 rows of 2048 tokens best-fit packed with
+log-normal documents (mean ~600), as in benchmarks/train_step.py. Figures are useful TFLOP/s: only in-document causal
+pairs count (fwd 2 matmuls, bwd 2.5x fwd), dense attention counting its whole causal triangle.
+
+    python benchmarks/varlen_attention.py --out benchmarks/results/varlen_attention.json [--quick]
+"""
+
+import argparse
+import json
+import statistics
+import time
+from itertools import product
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from train_step import SHAPE, lognormal_rows  # benchmarks/ is the script's directory
+
+from nanovision.kernels import document_bounds
+from nanovision.kernels.ops import varlen_attention as ops
+
+
+def cuda_ms(fn, repeats=20, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def candidates(quick):
+    """(forward, dK/dV, dQ) configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the kernels' static asserts want the
+    diagonal tiles aligned (forward and dQ: BLOCK_M % BLOCK_N == 0; dK/dV: BLOCK_N % BLOCK_M == 0)."""
+    warps, stages = ((4, 8), (2, 3)) if quick else ((4, 8), (2, 3, 4))
+    fwd = [(m, n, w, st) for (m, n), w, st in product([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)],
+                                                       warps, stages)]
+    dkdv = [(m, n, w, st) for (m, n), w, st in product([(16, 64), (32, 64), (64, 64), (32, 128), (64, 128)],
+                                                        warps, (1, 2, 3))]
+    dq = [(m, n, w, st) for (m, n), w, st in product([(64, 32), (64, 64), (128, 32), (128, 64)], warps, stages)]
+    return fwd, dkdv, dq
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "varlen_attention.json"))
+    parser.add_argument("--quick", action="store_true", help="fewer warps/stages candidates")
+    args = parser.parse_args()
+    s, device = SHAPE, torch.device("cuda")
+    B, T, H, Hk, D = s["batch"], s["seq"], s["heads"], s["kv_heads"], s["head_dim"]
+    rows = lognormal_rows(s)
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in lengths] + [torch.arange(T - sum(lengths))])[None]
+                              for lengths in rows]).to(device)
+    cu_seqlens, longest = document_bounds(position_ids)
+    in_doc_pairs = sum(n * (n + 1) / 2 for lengths in rows for n in lengths)
+    dense_pairs = B * T * (T + 1) / 2
+    fwd_tflops = lambda pairs, ms: 4 * D * H * pairs / ms / 1e9  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B * T, H, D, device=device, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B * T, Hk, D, device=device, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B * T, Hk, D, device=device, dtype=torch.bfloat16, generator=g)
+    do = torch.randn_like(q)
+    scale = D ** -0.5
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}; {len(cu_seqlens) - 1} documents, longest "
+          f"{longest}, {in_doc_pairs / dense_pairs:.1%} of the dense causal pairs")
+
+    # dense causal cuDNN over whole rows: [B, H, T, D] views of the same tensors
+    qd, kd, vd = (t.view(B, T, -1, D).transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense_out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
+        dense_fwd = cuda_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True))
+        dense_do = do.view(B, T, H, D).transpose(1, 2)
+        dense_bwd = cuda_ms(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), dense_do, retain_graph=True))
+    dense = dict(fwd_ms=dense_fwd, bwd_ms=dense_bwd, fwd_tflops=fwd_tflops(dense_pairs, dense_fwd),
+                 bwd_tflops=2.5 * fwd_tflops(dense_pairs, dense_bwd),
+                 total_tflops=3.5 * fwd_tflops(dense_pairs, dense_fwd + dense_bwd))
+    print(f"dense causal cuDNN: fwd {dense_fwd:.3f} ms ({dense['fwd_tflops']:.0f} TFLOP/s), bwd {dense_bwd:.3f} ms "
+          f"({dense['bwd_tflops']:.0f}), fwd+bwd {dense['total_tflops']:.0f} useful TFLOP/s")
+
+    defaults = dict(FWD_CONFIG=ops.FWD_CONFIG, BWD_DKDV_CONFIG=ops.BWD_DKDV_CONFIG, BWD_DQ_CONFIG=ops.BWD_DQ_CONFIG)
+
+    def timed(**settings):
+        for name, value in {**defaults, **settings}.items():
+            setattr(ops, name, value)
+        try:
+            out, lse = ops._forward(q, k, v, cu_seqlens, longest, scale)
+            fwd = cuda_ms(lambda: ops._forward(q, k, v, cu_seqlens, longest, scale))
+            bwd = cuda_ms(lambda: ops._backward(do, q, k, v, out, lse, cu_seqlens, longest, scale))
+            return fwd, bwd
+        except Exception as error:  # noqa: BLE001  a config that does not fit (shared memory, registers) is skipped
+            return repr(error)[:120]
+
+    fwd_c, dkdv_c, dq_c = candidates(args.quick)
+    sweep = []
+    start = time.perf_counter()
+    for config in fwd_c:
+        r = timed(FWD_CONFIG=config)
+        sweep.append(dict(kernel="forward", config=config, **(dict(ms=r[0]) if isinstance(r, tuple) else dict(error=r))))
+    best_fwd = min((r for r in sweep if "ms" in r), key=lambda r: r["ms"])["config"]
+    for config in dkdv_c:
+        r = timed(FWD_CONFIG=best_fwd, BWD_DKDV_CONFIG=config)
+        sweep.append(dict(kernel="dkdv", config=config, **(dict(ms=r[1]) if isinstance(r, tuple) else dict(error=r))))
+    best_dkdv = min((r for r in sweep if r["kernel"] == "dkdv" and "ms" in r), key=lambda r: r["ms"])["config"]
+    for config in dq_c:
+        r = timed(FWD_CONFIG=best_fwd, BWD_DKDV_CONFIG=best_dkdv, BWD_DQ_CONFIG=config)
+        sweep.append(dict(kernel="dq", config=config, **(dict(ms=r[1]) if isinstance(r, tuple) else dict(error=r))))
+    print(f"sweep: {len(sweep)} configs in {time.perf_counter() - start:.0f} s")
+
+    def best(kernel):
+        return min((r for r in sweep if r["kernel"] == kernel and "ms" in r), key=lambda r: r["ms"])
+
+    schemes = {
+        "defaults": {},
+        "best of the sweep": dict(FWD_CONFIG=best_fwd, BWD_DKDV_CONFIG=best_dkdv, BWD_DQ_CONFIG=best("dq")["config"]),
+    }
+    results = []
+    print(f"\n{'scheme':28} {'fwd ms':>7} {'bwd ms':>7} {'fwd TF':>7} {'bwd TF':>7} {'total TF':>8} {'x dense':>7}")
+    print(f"{'dense causal cuDNN':28} {dense_fwd:7.3f} {dense_bwd:7.3f} {dense['fwd_tflops']:7.0f} "
+          f"{dense['bwd_tflops']:7.0f} {dense['total_tflops']:8.0f} {1.0:7.2f}")
+    for name, settings in schemes.items():
+        fwd, bwd = timed(**settings)
+        total = 3.5 * fwd_tflops(in_doc_pairs, fwd + bwd)
+        row = dict(scheme=name, settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+                   fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=fwd_tflops(in_doc_pairs, fwd),
+                   bwd_tflops=2.5 * fwd_tflops(in_doc_pairs, bwd), total_tflops=total,
+                   vs_dense=total / dense["total_tflops"])
+        results.append(row)
+        print(f"{name:28} {fwd:7.3f} {bwd:7.3f} {row['fwd_tflops']:7.0f} {row['bwd_tflops']:7.0f} {total:8.0f} "
+              f"{row['vs_dense']:7.2f}   {settings}")
+    for kernel in ("forward", "dkdv", "dq"):
+        ranked = sorted((r for r in sweep if r["kernel"] == kernel and "ms" in r), key=lambda r: r["ms"])
+        print(f"{kernel}: " + "; ".join(f"{tuple(r['config'])} {r['ms']:.3f}" for r in ranked[:5]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                              triton=__import__("triton").__version__, documents=len(cu_seqlens) - 1,
+                                              dense=dense, schemes=results, sweep=sweep), indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
