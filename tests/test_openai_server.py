@@ -157,3 +157,25 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(served):
     assert err.value.status_code == 400 and "2 '<image>' placeholder(s) but 1 image(s)" in str(err.value)
 
     _check_answer(served, 2)  # still serving, still right
+
+
+def test_text_only_requests_holding_placeholders_get_400(served):
+    """No image, yet `<image>` in the prompt: as completion text, as token ids (<image> is id 6) and as a chat
+    message's string content. vLLM runs no multimodal processing for these; nanovision serve's tokenizer mode
+    ("nanovision", the plugin's renderer) refuses them in the API server, and the server goes on."""
+    client, model = served["client"], served["model"]
+    no_image = "1 '<image>' placeholder(s) but no image was given: attach one image per placeholder or remove"
+    for prompt in ("<|bos|>what color is <image>", [0, 20, 6, 21]):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model, prompt=prompt, max_tokens=2)
+        assert err.value.status_code == 400 and no_image in str(err.value), prompt
+    with pytest.raises(openai.BadRequestError) as err:
+        _ask(served, [{"role": "user", "content": "<image> what color is the circle"}])
+    assert err.value.status_code == 400 and no_image in str(err.value)
+
+    # still serving: text without placeholders, as text and as ids, and an image with its placeholder
+    for prompt in ("<|bos|>what color is the circle", [0, 20, 21]):
+        completion = client.completions.create(model=model, prompt=prompt, max_tokens=2,
+                                               extra_body={"ignore_eos": True})
+        assert completion.choices[0].finish_reason == "length", prompt
+    _check_answer(served, 3)

@@ -1,5 +1,5 @@
 """vLLM serving (nanovision.serving): greedy parity with HF generate for text and image prompts, chat, sampling
-flags, placeholder checks, the `nanovision infer` command and the throughput helpers of benchmarks/serving.py. One vLLM engine for the module (a VLM checkpoint);
+flags, placeholder checks (with and without images), the `nanovision infer` command and the throughput helpers of benchmarks/serving.py. One vLLM engine for the module (a VLM checkpoint);
 the text architecture is served once more by the CLI in a subprocess."""
 
 import io
@@ -65,6 +65,13 @@ def test_plugin_registers_both_architectures():
     register()
     register()  # vLLM loads plugins once per process, but must survive more
     assert {"NanoVisionForCausalLM", "NanoVisionForConditionalGeneration"} <= set(ModelRegistry.get_supported_archs())
+    from vllm.renderers.registry import RENDERER_REGISTRY
+    from vllm.tokenizers.registry import TokenizerRegistry
+
+    from nanovision.serving.renderer import NanoVisionRenderer
+
+    assert RENDERER_REGISTRY.load_renderer_cls("nanovision") is NanoVisionRenderer
+    assert TokenizerRegistry.tokenizers["nanovision"] == TokenizerRegistry.tokenizers["hf"]
 
 
 def test_model_classes_keep_vllms_bases_and_set_the_logit_softcap():
@@ -191,6 +198,30 @@ def test_placeholder_and_image_errors(engine, checkpoints):
     with pytest.raises(ValueError, match="missing.png"):
         engine.generate("<|bos|><image>", images=[str(checkpoints.root / "missing.png")])
     assert len(engine.generate("<|bos|><image>", images=[red], max_tokens=2, ignore_eos=True)[0].token_ids) == 2
+
+
+def test_text_only_prompts_holding_placeholders_are_refused(engine):
+    """vLLM runs no multimodal processing for a prompt without images: the plugin's renderer (tokenizer mode
+    "nanovision", create_vllm_engine's default) refuses its placeholders, before the request reaches the engine."""
+    assert engine.llm.llm_engine.model_config.tokenizer_mode == "nanovision"
+    no_image = r"1 '<image>' placeholder\(s\) but no image was given: attach one image per placeholder or remove"
+    sampling = engine.sampling_params(max_tokens=2, ignore_eos=True)
+    for prompt in ("<|bos|>what <image> color",  # straight to vLLM: no check of NanoVisionEngine in the way
+                   {"prompt_token_ids": [0, 6, 20, 21]},  # <image> is id 6
+                   {"prompt": "<|bos|><image> x", "multi_modal_data": {"image": []}}):  # reaches the mm processor
+        with pytest.raises(ValueError, match=no_image):
+            engine.llm.generate(prompt, sampling, use_tqdm=False)
+    with pytest.raises(ValueError, match=no_image):
+        engine.generate([0, 20, 6, 21])  # NanoVisionEngine passes token-id prompts on unchecked
+    with pytest.raises(ValueError, match=no_image):  # LLaVA-style string content, no image part
+        engine.llm.chat([{"role": "user", "content": "<image> what color"}], sampling, use_tqdm=False)
+    # the engine goes on: text without placeholders (text and ids), and an image with its placeholder
+    assert [len(c.token_ids) for c in engine.generate(["<|bos|>what color", [0, 20, 21]], max_tokens=2,
+                                                      ignore_eos=True)] == [2, 2]
+    chat = engine.llm.chat([{"role": "user", "content": "what color"}], sampling, use_tqdm=False)
+    assert len(chat[0].outputs[0].token_ids) == 2
+    assert len(engine.generate("<|bos|><image>", images=[color_image((20, 40, 210))], max_tokens=2,
+                               ignore_eos=True)[0].token_ids) == 2
 
 
 class _Borrowed:

@@ -7,7 +7,8 @@
         bad lines reported with their line numbers and skipped (exit status 1 then)
   infer --model_path CKPT --chat   interactive chat on stdin: a line is a user turn, `/image PATH` attaches an image
         to the next turn, `/reset` clears, `/exit` quits
-  serve CKPT [vLLM serve flags]    `vllm serve CKPT ...`, with a KV cache size that fits on a CPU machine
+  serve CKPT [vLLM serve flags]    `vllm serve CKPT ...`, with a KV cache size that fits on a CPU machine and
+        the plugin's tokenizer mode (a text-only request holding `<image>` gets HTTP 400)
 
 Prompts go through the checkpoint's chat template when it has one (--no_chat_template: as written). vLLM logs only
 its errors unless --verbose. Throughput: `python benchmarks/serving.py --model_path CKPT`.
@@ -271,11 +272,15 @@ def run_serve(argv) -> int:
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from .engine import default_cpu_kv_cache_bytes
-    from .plugin import register
+    from .engine import default_cpu_kv_cache_bytes, plugin_installed
+    from .plugin import TOKENIZER_MODE, register, register_renderer
 
     register()
     given = {arg.split("=")[0].replace("_", "-") for arg in vllm_args}
+    # The plugin's tokenizer mode refuses a text-only request holding <image> (HTTP 400); vLLM's processes must
+    # know it too, from the entry point.
+    if "--tokenizer-mode" not in given and plugin_installed() and register_renderer():
+        vllm_args = ["--tokenizer-mode", TOKENIZER_MODE, *vllm_args]
     if not args.verbose and not given & {"--use-tqdm-on-load", "--no-use-tqdm-on-load"}:
         vllm_args = ["--no-use-tqdm-on-load", *vllm_args]
     if not given & set(SERVE_MEMORY_FLAGS):

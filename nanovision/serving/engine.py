@@ -133,9 +133,10 @@ class NanoVisionEngine:
                 elif found != len(images):
                     raise ValueError(f"The prompt holds {found} '{self.image_token}' placeholder(s) but "
                                      f"{len(images)} image(s) were given for it: pass one image per placeholder.")
-            elif self.is_multimodal and self.image_token in prompt:
+            elif self.is_multimodal and self.image_token in prompt:  # also where vLLM runs without our renderer
                 raise ValueError(f"The prompt holds {prompt.count(self.image_token)} '{self.image_token}' "
-                                 "placeholder(s) but no image: pass one image per placeholder.")
+                                 "placeholder(s) but no image was given: attach one image per placeholder or remove "
+                                 "the placeholder.")
         else:
             request = {"prompt_token_ids": [int(t) for t in prompt]}
         if images:
@@ -208,7 +209,7 @@ class NanoVisionEngine:
         self.close()
 
 
-def _plugin_installed() -> bool:
+def plugin_installed() -> bool:
     return any(ep.value.startswith("nanovision.") for ep in entry_points(group="vllm.general_plugins"))
 
 
@@ -230,16 +231,20 @@ def create_vllm_engine(model_path, tensor_parallel_size: int = 1, dtype: str = "
                        **engine_kwargs) -> NanoVisionEngine:
     """Start vLLM on a nanovision checkpoint. `engine_kwargs` go to `vllm.LLM` (max_model_len,
     gpu_memory_utilization, kv_cache_memory_bytes, limit_mm_per_prompt, seed, enforce_eager, ...); on a CPU the KV
-    cache defaults to `default_cpu_kv_cache_bytes()`."""
+    cache defaults to `default_cpu_kv_cache_bytes()`, and `tokenizer_mode` to the plugin's "nanovision" (vLLM's HF
+    tokenizer, with a renderer that refuses a prompt holding `<image>` placeholders but no image)."""
     LLM = import_vllm().LLM
 
-    from .plugin import register
+    from .plugin import TOKENIZER_MODE, register, register_renderer
 
     register()  # this process; vLLM's own processes load it from the vllm.general_plugins entry point
-    if not _plugin_installed() and "trust_remote_code" not in engine_kwargs:
-        logger.warning("nanovision's vLLM plugin entry point is not installed (pip install -e . registers it): "
-                       "serving %s as remote code (trust_remote_code=True).", model_path)
-        engine_kwargs["trust_remote_code"] = True
+    if not plugin_installed():
+        if "trust_remote_code" not in engine_kwargs:
+            logger.warning("nanovision's vLLM plugin entry point is not installed (pip install -e . registers it): "
+                           "serving %s as remote code (trust_remote_code=True).", model_path)
+            engine_kwargs["trust_remote_code"] = True
+    elif register_renderer():  # the engine's processes know the mode too (the entry point)
+        engine_kwargs.setdefault("tokenizer_mode", TOKENIZER_MODE)  # refuses text-only prompts holding <image>
     if not {"gpu_memory_utilization", "kv_cache_memory_bytes"} & set(engine_kwargs):
         kv_cache_bytes = default_cpu_kv_cache_bytes()
         if kv_cache_bytes is not None:

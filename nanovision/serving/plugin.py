@@ -4,7 +4,8 @@ setup.cfg registers `register` under the `vllm.general_plugins` entry point, so 
 starts (front end, engine core, workers). It maps nanovision's architectures onto vLLM's Transformers modeling
 backend, the way vLLM's own registry maps the Transformers models it serves through that backend: the backend builds
 our `AutoModel` (importing nanovision registers it, so no remote code is needed) and swaps in vLLM's paged attention
-through transformers' attention interface, and its parallel linears and embedding.
+through transformers' attention interface, and its parallel linears and embedding. It also registers the
+"nanovision" tokenizer mode, whose renderer refuses a text-only prompt holding `<image>` placeholders (renderer.py).
 
 Without nanovision installed, `vllm serve CKPT --trust-remote-code` reaches the same backend through the checkpoint's
 remote code (config.json's auto_map names the base models), with vLLM's unmodified classes: its own multimodal
@@ -21,6 +22,26 @@ ARCHITECTURES = {
     "NanoVisionForCausalLM": "nanovision.serving.vllm_models:TransformersForCausalLM",
     "NanoVisionForConditionalGeneration": "nanovision.serving.vllm_models:TransformersMultiModalForCausalLM",
 }
+
+# Tokenizer mode (vLLM picks the tokenizer and the renderer by it) -> vLLM's HF tokenizer and nanovision's renderer.
+TOKENIZER_MODE = "nanovision"
+
+
+def register_renderer() -> bool:
+    """Registers the "nanovision" tokenizer mode; False on a vLLM without tokenizer and renderer registries (or
+    without the renderer hooks renderer.py overrides), where the mode is not there to choose."""
+    try:
+        from vllm.renderers.base import BaseRenderer
+        from vllm.renderers.registry import RENDERER_REGISTRY
+        from vllm.tokenizers.registry import TokenizerRegistry
+    except ImportError:
+        return False
+    if not all(hasattr(BaseRenderer, name) for name in ("process_for_engine", "process_for_engine_async")):
+        return False
+    if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:  # registering again would log an "overwritten" warning
+        TokenizerRegistry.register(TOKENIZER_MODE, "vllm.tokenizers.hf", "CachedHfTokenizer")
+        RENDERER_REGISTRY.register(TOKENIZER_MODE, "nanovision.serving.renderer", "NanoVisionRenderer")
+    return True
 
 
 class DowncastWarningFilter(logging.Filter):
@@ -46,3 +67,4 @@ def register():
     for architecture, model_cls in ARCHITECTURES.items():
         if architecture not in supported:
             ModelRegistry.register_model(architecture, model_cls)
+    register_renderer()

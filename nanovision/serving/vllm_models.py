@@ -7,7 +7,8 @@ as the Transformers backend), with two changes:
   processor; 0.26's leaves it out, so sampling and logprobs would see uncapped logits (greedy tokens are the same).
 - the vision-language class's multimodal processor rejects a prompt whose `<image>` placeholders do not match its
   images with a ValueError, which the OpenAI server answers with HTTP 400. vLLM 0.32's cached processing path
-  otherwise trips an assertion on a prompt with more images than placeholders (HTTP 500).
+  otherwise trips an assertion on a prompt with more images than placeholders (HTTP 500). A prompt without
+  multimodal data never reaches it: renderer.py checks those.
 
 Imported lazily by vLLM (never by `import nanovision`).
 """
@@ -28,19 +29,25 @@ def count_placeholders(prompt, image_token: str, image_token_id: int) -> int:
     return sum(1 for token in prompt if token == image_token_id)
 
 
+def check_placeholders(info, prompt, num_images: int) -> None:
+    """A ValueError unless the prompt (text or ids) holds one `<image>` placeholder per image, as the checkpoint's
+    processor (`info.get_hf_processor()`) names the placeholder."""
+    processor = info.get_hf_processor()
+    image_token = getattr(processor, "image_token", "<image>")
+    found = count_placeholders(prompt, image_token, getattr(processor, "image_token_id", None))
+    if found == num_images:
+        return
+    if not num_images:
+        raise ValueError(f"The prompt holds {found} '{image_token}' placeholder(s) but no image was given: attach "
+                         "one image per placeholder or remove the placeholder.")
+    raise ValueError(f"The prompt holds {found} '{image_token}' placeholder(s) but {num_images} image(s) were given: "
+                     "pass one image per placeholder (the chat template writes one per image part).")
+
+
 class NanoVisionMultiModalProcessor(MultiModalProcessor):
     def apply(self, inputs, *args, **kwargs):
-        num_images = inputs.mm_data_items.get_count("image", strict=False)
-        if num_images:
-            processor = self.info.get_hf_processor()
-            image_token = getattr(processor, "image_token", "<image>")
-            image_token_id = getattr(processor, "image_token_id", None)
-            found = count_placeholders(inputs.prompt, image_token, image_token_id)
-            if found != num_images:
-                raise ValueError(
-                    f"The prompt holds {found} '{image_token}' placeholder(s) but {num_images} image(s) were "
-                    "given: pass one image per placeholder (the chat template writes one per image part)."
-                )
+        # Also with no image (multi_modal_data {"image": []}): vLLM would run the placeholders as plain tokens.
+        check_placeholders(self.info, inputs.prompt, inputs.mm_data_items.get_count("image", strict=False))
         return super().apply(inputs, *args, **kwargs)
 
 
@@ -67,4 +74,4 @@ class TransformersMultiModalForCausalLM(LogitSoftcapMixin, *backend.Transformers
     """vLLM's Transformers-backend multimodal class with the logit soft cap and `NanoVisionMultiModalProcessor`."""
 
 __all__ = ["TransformersForCausalLM", "TransformersMultiModalForCausalLM", "NanoVisionMultiModalProcessor",
-           "count_placeholders"]
+           "check_placeholders", "count_placeholders"]
