@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -138,6 +139,21 @@ def matmul_tflops(device):
         a @ b
     torch.cuda.synchronize()
     return 2 * 8192**3 * 20 / (time.perf_counter() - start) / 1e12
+
+
+def cuda_ms(fn, repeats=5, warmup=2):
+    """Median milliseconds of fn() on the GPU, between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def make_batch(s, device, packed_lengths=None, generator=None):

@@ -16,12 +16,11 @@ weights, torch fused AdamW; a step is forward + loss + backward + optimizer step
 import argparse
 import gc
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from train_step import matmul_tflops, time_steps  # benchmarks/ is the script's directory
+from train_step import cuda_ms, matmul_tflops, time_steps  # benchmarks/ is the script's directory
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaConfig, SiglipVisionConfig
 
 import nanovision
@@ -131,21 +130,6 @@ def vlm_batch(s, rows, image_tokens, pixel_values, device, seed=0):
         first_image += len(lengths)
     batch = PackedDataCollator(max_length=s["seq"], return_flash_attn_kwargs=True)(features)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def cuda_ms(fn, repeats=5, warmup=2):
-    """Median milliseconds of fn() on the GPU, between CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def part_times(model, batch, tower_trained):

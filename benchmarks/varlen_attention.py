@@ -10,7 +10,6 @@ pairs count (fwd 2 matmuls, bwd 2.5x fwd), dense attention counting its whole ca
 
 import argparse
 import json
-import statistics
 import time
 from itertools import product
 from pathlib import Path
@@ -18,24 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from train_step import SHAPE, lognormal_rows  # benchmarks/ is the script's directory
+from train_step import SHAPE, cuda_ms, lognormal_rows  # benchmarks/ is the script's directory
 
 from nanovision.kernels import document_bounds
 from nanovision.kernels.ops import varlen_attention as ops
-
-
-def cuda_ms(fn, repeats=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def candidates(quick):
@@ -77,9 +62,11 @@ def main():
     qd, kd, vd = (t.view(B, T, -1, D).transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense_out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
-        dense_fwd = cuda_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True))
+        dense_fwd = cuda_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True),
+                            repeats=20, warmup=3)
         dense_do = do.view(B, T, H, D).transpose(1, 2)
-        dense_bwd = cuda_ms(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), dense_do, retain_graph=True))
+        dense_bwd = cuda_ms(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), dense_do, retain_graph=True),
+                            repeats=20, warmup=3)
     dense = dict(fwd_ms=dense_fwd, bwd_ms=dense_bwd, fwd_tflops=fwd_tflops(dense_pairs, dense_fwd),
                  bwd_tflops=2.5 * fwd_tflops(dense_pairs, dense_bwd),
                  total_tflops=3.5 * fwd_tflops(dense_pairs, dense_fwd + dense_bwd))
@@ -93,8 +80,9 @@ def main():
             setattr(ops, name, value)
         try:
             out, lse = ops._forward(q, k, v, cu_seqlens, longest, scale)
-            fwd = cuda_ms(lambda: ops._forward(q, k, v, cu_seqlens, longest, scale))
-            bwd = cuda_ms(lambda: ops._backward(do, q, k, v, out, lse, cu_seqlens, longest, scale))
+            fwd = cuda_ms(lambda: ops._forward(q, k, v, cu_seqlens, longest, scale), repeats=20, warmup=3)
+            bwd = cuda_ms(lambda: ops._backward(do, q, k, v, out, lse, cu_seqlens, longest, scale), repeats=20,
+                          warmup=3)
             return fwd, bwd
         except Exception as error:  # noqa: BLE001  a config that does not fit (shared memory, registers) is skipped
             return repr(error)[:120]
