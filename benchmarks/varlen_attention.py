@@ -1,5 +1,6 @@
 """Packed (varlen) attention on one GPU: nanovision's Triton kernels against dense causal cuDNN attention over the same
-rows, in one run, and a sweep of the kernels' launch configs (tile sizes, warps, pipeline stages).
+rows, in one run, a sweep of the kernels' launch configs (tile sizes, warps, pipeline stages), and the other packed
+kernels at hand: torch's varlen_attn and, where `flash-attn-4` is installed, its varlen function.
 
 Shape: the d20 attention (10 query heads, 5 KV heads, head dim 128, bf16), 8 rows of 2048 tokens best-fit packed with
 log-normal documents (mean ~600), as in benchmarks/train_step.py. Figures are useful TFLOP/s: only in-document causal
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from train_step import SHAPE, cuda_ms, lognormal_rows  # benchmarks/ is the script's directory
+from train_step import SHAPE, cuda_ms, lognormal_rows, torch_varlen  # benchmarks/ is the script's directory
 
 from nanovision.kernels import document_bounds
 from nanovision.kernels.ops import varlen_attention as ops
@@ -124,6 +125,33 @@ def main():
         results.append(row)
         print(f"{name:28} {fwd:7.3f} {bwd:7.3f} {row['fwd_tflops']:7.0f} {row['bwd_tflops']:7.0f} {total:8.0f} "
               f"{row['vs_dense']:7.2f}   {settings}")
+    # other packed-attention kernels over the same tokens, through autograd (forward, then backward of that output)
+    others = {"torch varlen_attn (flash)": lambda q, k, v: torch_varlen(q, k, v, cu_seqlens, longest)}
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+
+        others["flash-attn-4 varlen"] = lambda q, k, v: flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest, max_seqlen_k=longest,
+            causal=True)
+    except ImportError:
+        print("flash-attn-4 is not installed: its row is left out")
+    for name, fn in others.items():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        call = lambda: (lambda out: out[0] if isinstance(out, tuple) else out)(fn(*leaves))  # noqa: E731
+        try:
+            out = call()
+            fwd = cuda_ms(call, repeats=20, warmup=3)
+            bwd = cuda_ms(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), repeats=20, warmup=3)
+        except Exception as error:  # noqa: BLE001  a kernel that refuses this input is reported
+            results.append(dict(scheme=name, error=repr(error)[:200]))
+            print(f"{name:28} failed: {results[-1]['error']}")
+            continue
+        total = 3.5 * fwd_tflops(in_doc_pairs, fwd + bwd)
+        results.append(dict(scheme=name, fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=fwd_tflops(in_doc_pairs, fwd),
+                            bwd_tflops=2.5 * fwd_tflops(in_doc_pairs, bwd), total_tflops=total,
+                            vs_dense=total / dense["total_tflops"]))
+        print(f"{name:28} {fwd:7.3f} {bwd:7.3f} {results[-1]['fwd_tflops']:7.0f} {results[-1]['bwd_tflops']:7.0f} "
+              f"{total:8.0f} {results[-1]['vs_dense']:7.2f}")
     for kernel in ("forward", "dkdv", "dq"):
         ranked = sorted((r for r in sweep if r["kernel"] == kernel and "ms" in r), key=lambda r: r["ms"])
         print(f"{kernel}: " + "; ".join(f"{tuple(r['config'])} {r['ms']:.3f}" for r in ranked[:5]))
