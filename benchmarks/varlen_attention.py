@@ -1,12 +1,13 @@
 """Packed (varlen) attention on one GPU: nanovision's Triton kernels against dense causal cuDNN attention over the same
-rows, in one run, a sweep of the kernels' launch configs (tile sizes, warps, pipeline stages), and the other packed
-kernels at hand: torch's varlen_attn and, where `flash-attn-4` is installed, its varlen function.
+rows, in one run, the other packed kernels at hand (torch's varlen_attn and, where `flash-attn-4` is installed, its
+varlen function, each checked against nanovision's output and gradients), and with --sweep a sweep of the Triton
+kernels' launch configs (tile sizes, warps, pipeline stages).
 
 Shape: the d20 attention (10 query heads, 5 KV heads, head dim 128, bf16), 8 rows of 2048 tokens best-fit packed with
-log-normal documents (mean ~600), as in benchmarks/train_step.py. Figures are useful TFLOP/s: only in-document causal
+log-normal documents (mean ~600), as in benchmarks/train_step.py, and the same rows as one document each. Figures are useful TFLOP/s: only in-document causal
 pairs count (fwd 2 matmuls, bwd 2.5x fwd), dense attention counting its whole causal triangle.
 
-    python benchmarks/varlen_attention.py --out benchmarks/results/varlen_attention.json [--quick]
+    python benchmarks/varlen_attention.py --out benchmarks/results/varlen_attention.json [--sweep [--quick]]
 """
 
 import argparse
@@ -36,14 +37,10 @@ def candidates(quick):
     return fwd, dkdv, dq
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "varlen_attention.json"))
-    parser.add_argument("--quick", action="store_true", help="fewer warps/stages candidates")
-    args = parser.parse_args()
+def measure(rows, sweep_configs, quick):
+    """The table for one layout of documents in the rows; returns its JSON."""
     s, device = SHAPE, torch.device("cuda")
     B, T, H, Hk, D = s["batch"], s["seq"], s["heads"], s["kv_heads"], s["head_dim"]
-    rows = lognormal_rows(s)
     position_ids = torch.cat([torch.cat([torch.arange(n) for n in lengths] + [torch.arange(T - sum(lengths))])[None]
                               for lengths in rows]).to(device)
     cu_seqlens, longest = document_bounds(position_ids)
@@ -88,43 +85,56 @@ def main():
         except Exception as error:  # noqa: BLE001  a config that does not fit (shared memory, registers) is skipped
             return repr(error)[:120]
 
-    fwd_c, dkdv_c, dq_c = candidates(args.quick)
-    sweep = []
-    start = time.perf_counter()
-    for config in fwd_c:
-        r = timed(FWD_CONFIG=config)
-        sweep.append(dict(kernel="forward", config=config, **(dict(ms=r[0]) if isinstance(r, tuple) else dict(error=r))))
-    best_fwd = min((r for r in sweep if "ms" in r), key=lambda r: r["ms"])["config"]
-    for config in dkdv_c:
-        r = timed(FWD_CONFIG=best_fwd, BWD_DKDV_CONFIG=config)
-        sweep.append(dict(kernel="dkdv", config=config, **(dict(ms=r[1]) if isinstance(r, tuple) else dict(error=r))))
-    best_dkdv = min((r for r in sweep if r["kernel"] == "dkdv" and "ms" in r), key=lambda r: r["ms"])["config"]
-    for config in dq_c:
-        r = timed(FWD_CONFIG=best_fwd, BWD_DKDV_CONFIG=best_dkdv, BWD_DQ_CONFIG=config)
-        sweep.append(dict(kernel="dq", config=config, **(dict(ms=r[1]) if isinstance(r, tuple) else dict(error=r))))
-    print(f"sweep: {len(sweep)} configs in {time.perf_counter() - start:.0f} s")
+    sweep, schemes = [], {"defaults": {}}
+    if sweep_configs:
+        fwd_c, dkdv_c, dq_c = candidates(quick)
+        start = time.perf_counter()
 
-    def best(kernel):
-        return min((r for r in sweep if r["kernel"] == kernel and "ms" in r), key=lambda r: r["ms"])
+        def best(kernel):
+            return min((r for r in sweep if r["kernel"] == kernel and "ms" in r), key=lambda r: r["ms"])["config"]
 
-    schemes = {
-        "defaults": {},
-        "best of the sweep": dict(FWD_CONFIG=best_fwd, BWD_DKDV_CONFIG=best_dkdv, BWD_DQ_CONFIG=best("dq")["config"]),
-    }
+        for kernel, configs, settings, part in (
+                ("forward", fwd_c, lambda c: dict(FWD_CONFIG=c), 0),
+                ("dkdv", dkdv_c, lambda c: dict(FWD_CONFIG=best("forward"), BWD_DKDV_CONFIG=c), 1),
+                ("dq", dq_c, lambda c: dict(FWD_CONFIG=best("forward"), BWD_DKDV_CONFIG=best("dkdv"),
+                                            BWD_DQ_CONFIG=c), 1)):
+            for config in configs:
+                r = timed(**settings(config))
+                sweep.append(dict(kernel=kernel, config=config,
+                                  **(dict(ms=r[part]) if isinstance(r, tuple) else dict(error=r))))
+        print(f"sweep: {len(sweep)} configs in {time.perf_counter() - start:.0f} s")
+        schemes["best of the sweep"] = dict(FWD_CONFIG=best("forward"), BWD_DKDV_CONFIG=best("dkdv"),
+                                            BWD_DQ_CONFIG=best("dq"))
+
     results = []
-    print(f"\n{'scheme':28} {'fwd ms':>7} {'bwd ms':>7} {'fwd TF':>7} {'bwd TF':>7} {'total TF':>8} {'x dense':>7}")
-    print(f"{'dense causal cuDNN':28} {dense_fwd:7.3f} {dense_bwd:7.3f} {dense['fwd_tflops']:7.0f} "
+    print(f"\n{'scheme':36} {'fwd ms':>7} {'bwd ms':>7} {'fwd TF':>7} {'bwd TF':>7} {'total TF':>8} {'x dense':>7} "
+          f"{'error':>8}")
+    print(f"{'dense causal cuDNN':36} {dense_fwd:7.3f} {dense_bwd:7.3f} {dense['fwd_tflops']:7.0f} "
           f"{dense['bwd_tflops']:7.0f} {dense['total_tflops']:8.0f} {1.0:7.2f}")
+
+    def record(name, fwd, bwd, **extra):
+        total = 3.5 * fwd_tflops(in_doc_pairs, fwd + bwd)
+        results.append(dict(scheme=name, fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=fwd_tflops(in_doc_pairs, fwd),
+                            bwd_tflops=2.5 * fwd_tflops(in_doc_pairs, bwd), total_tflops=total,
+                            vs_dense=total / dense["total_tflops"], **extra))
+        r = results[-1]
+        error = f"{r['max_rel_error']:8.1e}" if "max_rel_error" in r else ""
+        print(f"{name:36} {fwd:7.3f} {bwd:7.3f} {r['fwd_tflops']:7.0f} {r['bwd_tflops']:7.0f} {total:8.0f} "
+              f"{r['vs_dense']:7.2f} {error}")
+
     for name, settings in schemes.items():
         fwd, bwd = timed(**settings)
-        total = 3.5 * fwd_tflops(in_doc_pairs, fwd + bwd)
-        row = dict(scheme=name, settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-                   fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=fwd_tflops(in_doc_pairs, fwd),
-                   bwd_tflops=2.5 * fwd_tflops(in_doc_pairs, bwd), total_tflops=total,
-                   vs_dense=total / dense["total_tflops"])
-        results.append(row)
-        print(f"{name:28} {fwd:7.3f} {bwd:7.3f} {row['fwd_tflops']:7.0f} {row['bwd_tflops']:7.0f} {total:8.0f} "
-              f"{row['vs_dense']:7.2f}   {settings}")
+        record(f"nanovision Triton, {name}", fwd, bwd,
+               settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
+    for name, value in defaults.items():
+        setattr(ops, name, value)
+    # the Triton kernels' output and input gradients for do are what the other kernels are checked against
+    reference_out, reference_lse = ops._forward(q, k, v, cu_seqlens, longest, scale)
+    reference_grads = ops._backward(do, q, k, v, reference_out, reference_lse, cu_seqlens, longest, scale)
+
+    def rel_error(got, want):
+        return float((got.detach().float() - want.float()).norm() / want.float().norm())
+
     # other packed-attention kernels over the same tokens, through autograd (forward, then backward of that output)
     others = {"torch varlen_attn (flash)": lambda q, k, v: torch_varlen(q, k, v, cu_seqlens, longest)}
     try:
@@ -140,25 +150,38 @@ def main():
         call = lambda: (lambda out: out[0] if isinstance(out, tuple) else out)(fn(*leaves))  # noqa: E731
         try:
             out = call()
+            grads = torch.autograd.grad(out, leaves, do, retain_graph=True)
+            error = max(rel_error(got, want) for got, want in zip((out, *grads), (reference_out, *reference_grads)))
             fwd = cuda_ms(call, repeats=20, warmup=3)
             bwd = cuda_ms(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), repeats=20, warmup=3)
         except Exception as error:  # noqa: BLE001  a kernel that refuses this input is reported
-            results.append(dict(scheme=name, error=repr(error)[:200]))
-            print(f"{name:28} failed: {results[-1]['error']}")
+            results.append(dict(scheme=name, error=repr(error)[:300]))
+            print(f"{name:36} failed: {results[-1]['error']}")
             continue
-        total = 3.5 * fwd_tflops(in_doc_pairs, fwd + bwd)
-        results.append(dict(scheme=name, fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=fwd_tflops(in_doc_pairs, fwd),
-                            bwd_tflops=2.5 * fwd_tflops(in_doc_pairs, bwd), total_tflops=total,
-                            vs_dense=total / dense["total_tflops"]))
-        print(f"{name:28} {fwd:7.3f} {bwd:7.3f} {results[-1]['fwd_tflops']:7.0f} {results[-1]['bwd_tflops']:7.0f} "
-              f"{total:8.0f} {results[-1]['vs_dense']:7.2f}")
-    for kernel in ("forward", "dkdv", "dq"):
+        record(name, fwd, bwd, max_rel_error=error)
+    for kernel in ("forward", "dkdv", "dq") if sweep else ():
         ranked = sorted((r for r in sweep if r["kernel"] == kernel and "ms" in r), key=lambda r: r["ms"])
         print(f"{kernel}: " + "; ".join(f"{tuple(r['config'])} {r['ms']:.3f}" for r in ranked[:5]))
+    return dict(documents=len(cu_seqlens) - 1, longest=longest, in_document_share=in_doc_pairs / dense_pairs,
+                dense=dense, schemes=results, sweep=sweep)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "varlen_attention.json"))
+    parser.add_argument("--sweep", action="store_true",
+                        help="also sweep the Triton kernels' launch configs (on the packed layout)")
+    parser.add_argument("--quick", action="store_true", help="fewer warps/stages candidates in the sweep")
+    args = parser.parse_args()
+    s = SHAPE
+    # the packed rows of training, and whole rows as one document each: the same work as dense attention, so the
+    # second layout measures the kernels alone, without the short documents' diagonal and tail blocks
+    layouts = {"log-normal documents (mean ~600)": (lognormal_rows(s), args.sweep),
+               "one document a row": ([[s["seq"]]] * s["batch"], False)}
+    results = {name: measure(rows, sweep, args.quick) for name, (rows, sweep) in layouts.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                              triton=__import__("triton").__version__, documents=len(cu_seqlens) - 1,
-                                              dense=dense, schemes=results, sweep=sweep), indent=2))
+                                              triton=__import__("triton").__version__, layouts=results), indent=2))
     print(f"wrote {args.out}")
 
 

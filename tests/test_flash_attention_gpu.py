@@ -48,11 +48,11 @@ def summed_loss(logits, labels):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
-def documents(image_tokens=0, image_size=None, seed=0):
-    """One dict a document: input_ids (an image's placeholders first, for a VLM), labels, pixel_values."""
+def documents(image_tokens=0, image_size=None, seed=0, rows=ROWS):
+    """One dict a document of `rows`: input_ids (an image's placeholders first, for a VLM), labels, pixel_values."""
     generator = torch.Generator().manual_seed(seed)
     docs = []
-    for lengths in ROWS:
+    for lengths in rows:
         for length in lengths:
             ids = torch.randint(IMAGE_TOKEN_ID + 1, TEXT["vocab_size"], (length + image_tokens,), generator=generator)
             ids[:image_tokens] = IMAGE_TOKEN_ID
@@ -65,9 +65,9 @@ def documents(image_tokens=0, image_size=None, seed=0):
     return docs
 
 
-def packed_batch(docs):
+def packed_batch(docs, rows=ROWS):
     features, start = [], 0
-    for lengths in ROWS:
+    for lengths in rows:
         members = docs[start:start + len(lengths)]
         start += len(lengths)
         feature = dict(input_ids=torch.cat([d["input_ids"] for d in members]),
@@ -167,3 +167,44 @@ def test_varlen_attention_compiles_without_graph_breaks(vlm):
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed_batch(docs).items() if k != "labels"}
     explanation = torch._dynamo.explain(model.cuda())(**batch)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# batches whose row count, row lengths, document count and longest document all change from step to step
+CHANGING_ROWS = ([[37, 64, 5, 81], [100, 18, 29]], [[12, 90], [40, 40, 40, 7], [9]], [[150], [3, 3, 60, 20, 9]],
+                 [[70, 70, 47]])
+
+
+@pytest.mark.parametrize("vlm", [False, True], ids=["text", "vlm"])
+def test_compiled_varlen_training_with_changing_batches(vlm):
+    """One compiled packed model (fused kernels, nanovision_varlen) trained on batches whose shapes and documents
+    change, as a user's packed run does: dynamo recompiles with dynamic shapes after the first change, and every
+    step's logits and gradients must equal the same weights run eagerly."""
+    torch._dynamo.reset()
+    text = tiny_text_config(**TEXT, use_fused_kernels=True)
+    if vlm:
+        config = tiny_vlm_config(text=text, vision_config=dict(VISION), image_token_id=IMAGE_TOKEN_ID)
+        build = lambda: AutoModelForImageTextToText.from_config(config, attn_implementation="nanovision_varlen")  # noqa: E731
+        image_tokens, image_size = config.num_image_tokens, VISION["image_size"]
+    else:
+        build = lambda: AutoModelForCausalLM.from_config(text, attn_implementation="nanovision_varlen")  # noqa: E731
+        image_tokens, image_size = 0, None
+    eager = randomize(build(), std=0.05).cuda().train()
+    model = build().cuda().train()
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model)
+    for step, rows in enumerate(CHANGING_ROWS):
+        batch = packed_batch(documents(image_tokens, image_size, seed=step, rows=rows), rows)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = {}
+        for name, net in (("compiled", compiled), ("eager", eager)):
+            net.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits[name] = net(**batch).logits
+            summed_loss(logits[name], labels).backward()
+        error = rel_error(logits["compiled"], logits["eager"])
+        assert error < 1e-2, f"step {step}: compiled logits differ from eager by {error:.2e}"
+        grads = [(p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), eager.parameters())
+                 if p.grad is not None and "k_proj.bias" not in name]
+        total = rel_error(torch.cat([g.flatten() for g, _ in grads]), torch.cat([w.flatten() for _, w in grads]))
+        assert total < 1e-2, f"step {step}: compiled gradients differ from eager by {total:.2e}"

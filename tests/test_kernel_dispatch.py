@@ -1,6 +1,9 @@
 """Which implementation the public kernel functions run (nanovision/kernels/dispatch.py): the backend chosen per
 process, the forced one, and the per-call fallback."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import BF16, DEVICE, F32, REBUILT_TOL, TEST_ON_CUDA, assert_close, leaf, rand, seed_case
@@ -30,6 +33,17 @@ def test_backend_selection():
     assert all(b == "triton" for b in backends.values())
     assert K.describe_backends() == ("nanovision kernels: rms_norm=triton swiglu=triton rope=triton "
                                      "linear_cross_entropy=triton varlen_attention=triton")
+
+
+def test_backends_are_chosen_outside_compiled_regions():
+    """Choosing inside a compiled region costs graph breaks (dynamo cannot trace the probes), and the graph compiled
+    around them keeps the breaks after the choice is cached: the choice is made at import, and again at once by
+    reset_backends."""
+    fresh = subprocess.run([sys.executable, "-c", "from nanovision.kernels import dispatch; print(dispatch._BACKENDS)"],
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == str(K.kernel_backends())
+    dispatch.reset_backends()
+    assert dispatch._BACKENDS == K.kernel_backends()
 
 
 def test_forced_eager_backend(monkeypatch):

@@ -1,6 +1,7 @@
 """The fused ops' public functions, and which implementation runs each op.
 
-Backend order, chosen once per process:
+Backend order, chosen once per process, at import (inside a compiled region the choice would cost graph breaks:
+dynamo cannot trace its probes, and a graph compiled around them keeps the breaks after the choice is cached):
   1. "triton"        - the Triton kernels of `ops/`, when triton imports and CUDA is available (or TRITON_INTERPRET=1
                        is set, so that CPU tests run them on the interpreter)
   2. "torch_compile" - the torch.compile'd plain-torch reference
@@ -104,11 +105,12 @@ def describe_backends() -> str:
 
 
 def reset_backends() -> None:
-    """Forget the cached choice (tests, or after changing the environment)."""
+    """Choose again (tests, or after changing the environment)."""
     global _BACKENDS, _FALLBACK
     _BACKENDS = None
     _FALLBACK = None
     _COMPILED.clear()
+    _select()
 
 
 def _run_compiled(name: str, op: str, reference: Callable, *args, **kwargs):
@@ -174,3 +176,5 @@ fused_linear_cross_entropy = _dispatch("linear_cross_entropy", linear_cross_entr
 # the reference's loop over length classes is data-dependent: never compiled
 varlen_attention = _dispatch("varlen_attention", varlen_attention_ops.varlen_attention,
                              varlen_attention_ops.varlen_attention_reference, compile_reference=False)
+
+_select()
