@@ -1,8 +1,11 @@
 """Which implementation the public kernel functions run (nanovision/kernels/dispatch.py): the backend chosen per
 process, the forced one, and the per-call fallback."""
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +47,38 @@ def test_backends_are_chosen_outside_compiled_regions():
     assert fresh.stdout.strip() == str(K.kernel_backends())
     dispatch.reset_backends()
     assert dispatch._BACKENDS == K.kernel_backends()
+
+
+# per case, in launch order (forward graph, then backward): each kernel and the arguments it writes, which are the
+# buffers it fills and nothing it only reads
+COMPILED_KERNEL_WRITES = {
+    "rms_norm": [("_rms_norm_fwd_kernel", ["RSTD", "Y"]), ("_rms_norm_bwd_kernel", ["DW_PART", "DX"])],
+    "rms_norm with residual": [("_rms_norm_fwd_kernel", ["RSTD", "S", "Y"]),
+                               ("_rms_norm_bwd_kernel", ["DW_PART", "DX"])],
+    "swiglu": [("_swiglu_fwd_kernel", ["Y"]), ("_swiglu_bwd_kernel", ["DG", "DU"])],
+    "relu2": [("_relu2_fwd_kernel", ["Y"]), ("_relu2_bwd_kernel", ["DX"])],
+    "swiglu_linear_packed": [("_swiglu_fwd_kernel", ["Y"]), ("_swiglu_bwd_kernel", ["DG", "Y"])],
+    "rope": [("_rope_kernel", ["KO", "QO"]), ("_rope_kernel", ["KO", "QO"])],
+    "rope_qkv": [("_rope_qkv_kernel", ["K", "Q", "V"]), ("_rope_qkv_kernel", ["QKV"])],
+    "varlen_attention": [("_varlen_fwd_kernel", ["LSE", "OUT"]), ("_varlen_bwd_preprocess_kernel", ["DELTA"]),
+                         ("_varlen_bwd_dkdv_kernel", ["DK", "DV"]), ("_varlen_bwd_dq_kernel", ["DQ"])],
+}
+
+
+def test_compiled_kernels_write_only_their_outputs():
+    """torch.compile copies every tensor it takes a Triton kernel to write (tests/compiled_kernel_writes.py says how
+    it decides): the kernels must show it only their own output buffers, never an input they only read (a copy a
+    call in every compiled graph), and no buffer with a size-1 dim of symbolic stride (which torch 2.11's inductor
+    cannot compile under dynamic shapes: a packed run whose batches change shape)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "compiled_kernel_writes.py")],
+                         capture_output=True, text=True, env=env, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    traced = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {case: [(kernel, names) for kernel, names, _ in writes] for case, writes in traced.items()} == \
+        COMPILED_KERNEL_WRITES
+    size_one = {case: [w for w in writes if w[2]] for case, writes in traced.items()}
+    assert not any(size_one.values()), size_one
 
 
 def test_forced_eager_backend(monkeypatch):

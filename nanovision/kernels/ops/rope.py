@@ -26,7 +26,7 @@ try:
     import triton.language as tl
     from torch.library import triton_op
 
-    from .launch import with_unit_last_stride, wrap_triton
+    from .launch import with_unit_last_stride, wrap_triton, written_buffer
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -122,12 +122,19 @@ if HAS_TRITON:
         tl.store(o_ptr, tl.load(x_ptr, mask=mask).to(OUT.dtype.element_ty), mask=mask)
         tl.store(o_ptr + half, tl.load(x_ptr + half, mask=mask).to(OUT.dtype.element_ty), mask=mask)
 
+    # torch.compile finds the tensors a kernel writes by tracing each store's pointer back to the kernel's arguments,
+    # through the arguments of any function that produced it: the position comes from the program id alone, not from
+    # the function that loads the angles, so that the stores do not count COS and SIN as written (and compiled graphs
+    # do not copy them).
     @triton.jit
-    def _position_angles(COS, scb, sct, SIN, ssb, sst, T, half, BLOCK_D: tl.constexpr):
-        """This program's position (b, t) and its cos/sin, each as its two halves (fp32)."""
+    def _position(T):
+        """This program's position (b, t)."""
         pid = tl.program_id(0)
-        b = (pid // T).to(tl.int64)
-        t = (pid % T).to(tl.int64)
+        return (pid // T).to(tl.int64), (pid % T).to(tl.int64)
+
+    @triton.jit
+    def _position_angles(COS, scb, sct, SIN, ssb, sst, b, t, half, BLOCK_D: tl.constexpr):
+        """The cos/sin of position (b, t), each as its two halves (fp32)."""
         d = tl.arange(0, BLOCK_D)
         dmask = d < half
         cos_ptr = COS + b * scb + t * sct + d
@@ -136,7 +143,7 @@ if HAS_TRITON:
         c2 = tl.load(cos_ptr + half, mask=dmask, other=0.0).to(tl.float32)
         s1 = tl.load(sin_ptr, mask=dmask, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + half, mask=dmask, other=0.0).to(tl.float32)
-        return b, t, c1, c2, s1, s2
+        return c1, c2, s1, s2
 
     @triton.jit
     def _rope_kernel(
@@ -152,7 +159,8 @@ if HAS_TRITON:
         BLOCK_HK: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        b, t, c1, c2, s1, s2 = _position_angles(COS, scb, sct, SIN, ssb, sst, T, half, BLOCK_D)
+        b, t = _position(T)
+        c1, c2, s1, s2 = _position_angles(COS, scb, sct, SIN, ssb, sst, b, t, half, BLOCK_D)
         _rotate_heads(Q, sqb, sqh, sqt, QO, sqob, sqoh, sqot, b, t, n_q_heads, half,
                       c1, c2, s1, s2, BACKWARD, BLOCK_HQ, BLOCK_D)
         _rotate_heads(K, skb, skh, skt, KO, skob, skoh, skot, b, t, n_k_heads, half,
@@ -175,7 +183,8 @@ if HAS_TRITON:
         """Forward: packed q/k/v (QKV, [B, T, (Hq + 2 Hk) * D], heads D apart) -> rotated Q, K and a copy V.
         Backward: the gradients Q, K, V -> the packed gradient QKV (Q and K rotated back). QKV is one pointer with
         column offsets: torch.compile copies a tensor passed as several aliasing kernel arguments."""
-        b, t, c1, c2, s1, s2 = _position_angles(COS, scb, sct, SIN, ssb, sst, T, half, BLOCK_D)
+        b, t = _position(T)
+        c1, c2, s1, s2 = _position_angles(COS, scb, sct, SIN, ssb, sst, b, t, half, BLOCK_D)
         head = 2 * half
         QKV_K = QKV + n_q_heads * head
         QKV_V = QKV_K + n_k_heads * head
@@ -198,13 +207,14 @@ ELEMS_PER_THREAD = 8
 MAX_WARPS = 4
 
 
-def _empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor shaped like `x` whose memory runs in x's stride order, dense. q/k arrive as [B, H, T, D]
-    views of token-major [B, T, H * D] projections: empty_like would lay a non-dense view out as contiguous [B, H, T, D],
-    so that attention's output and every gradient back to the projection would need a transposing copy."""
+def _written_in_memory_order(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(a 1-D buffer for the kernel to write, that buffer as a tensor shaped like `x` whose memory runs in x's stride
+    order, dense). q/k arrive as [B, H, T, D] views of token-major [B, T, H * D] projections: empty_like would lay a
+    non-dense view out as contiguous [B, H, T, D], so that attention's output and every gradient back to the
+    projection would need a transposing copy."""
     order = sorted(range(x.dim()), key=lambda i: -x.stride(i))  # stable: equal strides keep their order
-    return torch.empty([x.shape[i] for i in order], dtype=x.dtype, device=x.device).permute(
-        *sorted(range(x.dim()), key=order.__getitem__))
+    buffer = written_buffer(x.numel(), x.dtype, x.device)
+    return buffer, buffer.view([x.shape[i] for i in order]).permute(*sorted(range(x.dim()), key=order.__getitem__))
 
 
 def _cs_strides(c: torch.Tensor):
@@ -230,15 +240,15 @@ if HAS_TRITON:
         cos, sin = _checked_angles(cos, sin, B, T, D)
         q = with_unit_last_stride(q)
         k = with_unit_last_stride(k)
-        qo = _empty_in_memory_order(q)
-        ko = _empty_in_memory_order(k)
+        q_buffer, qo = _written_in_memory_order(q)
+        k_buffer, ko = _written_in_memory_order(k)
         if B * T == 0:
             return qo, ko
         wrap_triton(_rope_kernel)[(B * T,)](
             q, q.stride(0), q.stride(1), q.stride(2),
             k, k.stride(0), k.stride(1), k.stride(2),
-            qo, qo.stride(0), qo.stride(1), qo.stride(2),
-            ko, ko.stride(0), ko.stride(1), ko.stride(2),
+            q_buffer, qo.stride(0), qo.stride(1), qo.stride(2),
+            k_buffer, ko.stride(0), ko.stride(1), ko.stride(2),
             cos, *_cs_strides(cos),
             sin, *_cs_strides(sin),
             T, Hq, Hk, D // 2,
@@ -257,9 +267,11 @@ if HAS_TRITON:
         D = _qkv_head_dim(qkv, n_q_heads, n_kv_heads)
         cos, sin = _checked_angles(cos, sin, B, T, D)
         qkv = with_unit_last_stride(qkv)
-        qo, ko, vo = (qkv.new_empty(B, T, heads, D).transpose(1, 2) for heads in (n_q_heads, n_kv_heads, n_kv_heads))
+        buffers = [written_buffer(B * T * heads * D, qkv.dtype, qkv.device)
+                   for heads in (n_q_heads, n_kv_heads, n_kv_heads)]
+        qo, ko, vo = (b.view(B, T, -1, D).transpose(1, 2) for b in buffers)
         if B * T:
-            _launch_qkv(qkv, qo, ko, vo, cos, sin, backward=False)
+            _launch_qkv(qkv, qo, ko, vo, cos, sin, backward=False, pointers=(qkv, *buffers))
         return qo, ko, vo
 
     @triton_op("nanovision::rope_qkv_backward", mutates_args=())
@@ -270,20 +282,24 @@ if HAS_TRITON:
         B, Hq, T, D = dq.shape
         Hk = dk.shape[1]
         cos, sin = _checked_angles(cos, sin, B, T, D)
-        dqkv = dq.new_empty(B, T, (Hq + 2 * Hk) * D)
+        buffer = written_buffer(B * T * (Hq + 2 * Hk) * D, dq.dtype, dq.device)
+        dqkv = buffer.view(B, T, -1)
         if B * T:
             dq, dk, dv = (with_unit_last_stride(t) for t in (dq, dk, dv))
-            _launch_qkv(dqkv, dq, dk, dv, cos, sin, backward=True)
+            _launch_qkv(dqkv, dq, dk, dv, cos, sin, backward=True, pointers=(buffer, dq, dk, dv))
         return dqkv
 
-    def _launch_qkv(qkv, q, k, v, cos, sin, backward: bool):
+    def _launch_qkv(qkv, q, k, v, cos, sin, backward: bool, pointers):
+        """pointers: the (qkv, q, k, v) tensors the kernel reads and writes through, each the tensor named or the
+        1-D buffer under it (that it writes); the strides are the named tensors'."""
         B, Hq, T, D = q.shape
         Hk = k.shape[1]
+        qkv_ptr, q_ptr, k_ptr, v_ptr = pointers
         wrap_triton(_rope_qkv_kernel)[(B * T,)](
-            qkv, qkv.stride(0), qkv.stride(1),
-            q, q.stride(0), q.stride(1), q.stride(2),
-            k, k.stride(0), k.stride(1), k.stride(2),
-            v, v.stride(0), v.stride(1), v.stride(2),
+            qkv_ptr, qkv.stride(0), qkv.stride(1),
+            q_ptr, q.stride(0), q.stride(1), q.stride(2),
+            k_ptr, k.stride(0), k.stride(1), k.stride(2),
+            v_ptr, v.stride(0), v.stride(1), v.stride(2),
             cos, *_cs_strides(cos),
             sin, *_cs_strides(sin),
             T, Hq, Hk, D // 2,

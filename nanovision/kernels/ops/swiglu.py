@@ -10,6 +10,7 @@ the activation h is not kept for the weight gradient either: backward rebuilds
 it from gate/up in the same kernel pass that computes dgate/dup.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ try:
     import triton.language as tl
     from torch.library import triton_op
 
-    from .launch import unused_pointer, wrap_triton
+    from .launch import unused_pointer, wrap_triton, written_buffer
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -55,25 +56,28 @@ def swiglu_linear_packed_reference(gate_up, weight, bias=None):
 # --------------------------------------------------------------------------- #
 if HAS_TRITON:
 
+    # torch.compile finds the tensors a kernel writes by tracing each store's pointer back to the kernel's arguments,
+    # through the arguments of any function that produced it: offsets are computed apart from the loads, so that a
+    # store through them does not count G and U as written (which would make compiled graphs copy them).
     @triton.jit
-    def _load_gate_up(G, U, pid, offs, mask, width, BLOCK: tl.constexpr, PACKED: tl.constexpr):
-        """(g, u) in fp32 and their offsets: G and U dense at `offs`, or, PACKED, both from G as a [rows, 2 * width]
-        tensor (each row: the gate's width values, then up's; the row division runs in int32 on offsets local to the
-        block)."""
+    def _gate_up_offsets(pid, offs, width, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+        """The offsets of the gate and up values of this block: `offs` for dense G and U, or, PACKED, into G as a
+        [rows, 2 * width] tensor (each row: the gate's width values, then up's; the row division runs in int32 on
+        offsets local to the block)."""
         if PACKED:
             start = pid.to(tl.int64) * BLOCK
             row0 = start // width
             local = (start - row0 * width).to(tl.int32) + tl.arange(0, BLOCK)
             g_offs = (row0 + local // width) * 2 * width + local % width
-            u_offs = g_offs + width
-            up = G
-        else:
-            g_offs = offs
-            u_offs = offs
-            up = U
+            return g_offs, g_offs + width
+        return offs, offs
+
+    @triton.jit
+    def _load_gate_up(G, U, g_offs, u_offs, mask, PACKED: tl.constexpr):
+        """(g, u) in fp32 from dense G and U, or, PACKED, both from G."""
         g = tl.load(G + g_offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up + u_offs, mask=mask, other=0.0).to(tl.float32)
-        return g, u, g_offs, u_offs
+        u = tl.load((G if PACKED else U) + u_offs, mask=mask, other=0.0).to(tl.float32)
+        return g, u
 
     @triton.jit
     def _swiglu_fwd_kernel(G, U, Y, n_elements, width, BLOCK: tl.constexpr, PACKED: tl.constexpr):
@@ -81,7 +85,8 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
-        g, u, _, _ = _load_gate_up(G, U, pid, offs, mask, width, BLOCK, PACKED)
+        g_offs, u_offs = _gate_up_offsets(pid, offs, width, BLOCK, PACKED)
+        g, u = _load_gate_up(G, U, g_offs, u_offs, mask, PACKED)
         act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
         tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
 
@@ -95,7 +100,8 @@ if HAS_TRITON:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        g, u, g_offs, u_offs = _load_gate_up(G, U, pid, offs, mask, width, BLOCK, PACKED)
+        g_offs, u_offs = _gate_up_offsets(pid, offs, width, BLOCK, PACKED)
+        g, u = _load_gate_up(G, U, g_offs, u_offs, mask, PACKED)
         sig = tl.sigmoid(g)
         silu = g * sig
         du = dy * silu
@@ -141,19 +147,19 @@ def _grid(n: int):
 
 def _act_forward(g, u, dtype):
     """For dense inputs: swiglu(g, u) (same shapes); relu2(u) when g is None; swiglu on a packed [..., 2 * I] g
-    (gate then up in each row) when u is None."""
+    (gate then up in each row) when u is None. The kernels index the elements flat: every tensor goes in as 1-D."""
     packed = u is None
     shape = (*g.shape[:-1], g.shape[-1] // 2) if packed else u.shape
-    y = torch.empty(shape, dtype=dtype, device=(g if packed else u).device)
-    n = y.numel()
+    n = math.prod(shape)
+    y = written_buffer(n, dtype, (g if packed else u).device)
     if n == 0:
-        return y
+        return y.view(shape)
     if g is None:
-        wrap_triton(_relu2_fwd_kernel)[_grid(n)](u, y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+        wrap_triton(_relu2_fwd_kernel)[_grid(n)](u.view(-1), y, n, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
     else:
-        wrap_triton(_swiglu_fwd_kernel)[_grid(n)](g, unused_pointer(g) if packed else u, y, n, shape[-1],
-                                                  BLOCK=BLOCK_SIZE, PACKED=packed, num_warps=NUM_WARPS)
-    return y
+        wrap_triton(_swiglu_fwd_kernel)[_grid(n)](g.view(-1), unused_pointer(g) if packed else u.view(-1), y, n,
+                                                  shape[-1], BLOCK=BLOCK_SIZE, PACKED=packed, num_warps=NUM_WARPS)
+    return y.view(shape)
 
 
 def _act_backward(dy, g, u, y=None, reuse_dy=False):
@@ -166,21 +172,21 @@ def _act_backward(dy, g, u, y=None, reuse_dy=False):
     packed = u is None
     first = u if g is None else g
     reuse = reuse_dy and not packed and dy.dtype == first.dtype
-    du = None if packed else (dy if reuse and g is None else torch.empty_like(u))
-    dg = None if g is None else (dy if reuse else torch.empty_like(g))
+    flat_dy = dy.view(-1)
+    du = None if packed else (flat_dy if reuse and g is None else written_buffer(u.numel(), u.dtype, u.device))
+    dg = None if g is None else (flat_dy if reuse else written_buffer(g.numel(), g.dtype, g.device))
     store = y is not None
     n = dy.numel()
-    if n == 0:
-        return dg, du
-    if g is None:
-        wrap_triton(_relu2_bwd_kernel)[_grid(n)](dy, u, du, y if store else unused_pointer(du), n, BLOCK=BLOCK_SIZE,
-                                                 STORE_Y=store, num_warps=NUM_WARPS)
-    else:
+    if n and g is None:
+        wrap_triton(_relu2_bwd_kernel)[_grid(n)](flat_dy, u.view(-1), du, y.view(-1) if store else unused_pointer(du),
+                                                 n, BLOCK=BLOCK_SIZE, STORE_Y=store, num_warps=NUM_WARPS)
+    elif n:
         unused = unused_pointer(dg)
-        wrap_triton(_swiglu_bwd_kernel)[_grid(n)](dy, g, unused if packed else u, dg, unused if packed else du,
-                                                  y if store else unused, n, dy.shape[-1], BLOCK=BLOCK_SIZE,
-                                                  STORE_Y=store, PACKED=packed, num_warps=NUM_WARPS)
-    return dg, du
+        wrap_triton(_swiglu_bwd_kernel)[_grid(n)](flat_dy, g.view(-1), unused if packed else u.view(-1), dg,
+                                                  unused if packed else du, y.view(-1) if store else unused, n,
+                                                  dy.shape[-1], BLOCK=BLOCK_SIZE, STORE_Y=store, PACKED=packed,
+                                                  num_warps=NUM_WARPS)
+    return (None if dg is None else dg.view(g.shape)), (None if du is None else du.view(u.shape))
 
 
 # The kernels run as torch.library ops: torch.compile traces through them (no graph break) and fuses the ops around

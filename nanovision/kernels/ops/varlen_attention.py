@@ -25,7 +25,7 @@ try:
 
     from torch.library import triton_op
 
-    from .launch import with_unit_last_stride, wrap_triton
+    from .launch import with_unit_last_stride, wrap_triton, written_buffer
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -498,7 +498,8 @@ if HAS_TRITON:
         """(out [total, Hq, D], log2-domain row log-sum-exp [Hq, total] fp32)."""
         total, n_heads, head_dim = q.shape
         out = torch.empty((total, n_heads, head_dim), dtype=q.dtype, device=q.device)
-        lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
+        lse_buffer = written_buffer(n_heads * total, torch.float32, q.device)
+        lse = lse_buffer.view(n_heads, total)
         if total == 0 or max_seqlen == 0:
             return out, lse
         (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim, q.is_cuda)
@@ -506,7 +507,7 @@ if HAS_TRITON:
         # cu_seqlens per program) was no faster on H100 with 2048-token rows of ~600-token documents
         grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, n_heads)
         wrap_triton(_varlen_fwd_kernel)[grid](
-            q, k, v, out, lse, cu_seqlens,
+            q, k, v, out, lse_buffer, cu_seqlens,
             scale * LOG2E,
             q.stride(0), q.stride(1),
             k.stride(0), k.stride(1),
@@ -537,9 +538,10 @@ if HAS_TRITON:
         group = n_heads // n_kv_heads
         precision = _precision(q.dtype)
 
-        delta = torch.empty_like(lse)
+        delta_buffer = written_buffer(lse.numel(), torch.float32, q.device)
+        delta = delta_buffer.view(lse.shape)
         wrap_triton(_varlen_bwd_preprocess_kernel)[(triton.cdiv(total, PREPROCESS_BLOCK_M), n_heads)](
-            out, do, delta,
+            out, do, delta_buffer,
             out.stride(0), out.stride(1),
             do.stride(0), do.stride(1),
             delta.stride(0),
