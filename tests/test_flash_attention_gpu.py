@@ -178,7 +178,7 @@ CHANGING_ROWS = ([[37, 64, 5, 81], [100, 18, 29]], [[12, 90], [40, 40, 40, 7], [
 def test_compiled_varlen_training_with_changing_batches(vlm):
     """One compiled packed model (fused kernels, nanovision_varlen) trained on batches whose shapes and documents
     change, as a user's packed run does: dynamo recompiles with dynamic shapes after the first change, and every
-    step's logits and gradients must equal the same weights run eagerly."""
+    step's logits and gradients must equal the same weights run eagerly (to bf16 rounding, as in the tests above)."""
     torch._dynamo.reset()
     text = tiny_text_config(**TEXT, use_fused_kernels=True)
     if vlm:
@@ -203,8 +203,8 @@ def test_compiled_varlen_training_with_changing_batches(vlm):
                 logits[name] = net(**batch).logits
             summed_loss(logits[name], labels).backward()
         error = rel_error(logits["compiled"], logits["eager"])
-        assert error < 1e-2, f"step {step}: compiled logits differ from eager by {error:.2e}"
+        assert error < 2e-2, f"step {step}: compiled logits differ from eager by {error:.2e}"
         grads = [(p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), eager.parameters())
                  if p.grad is not None and "k_proj.bias" not in name]
         total = rel_error(torch.cat([g.flatten() for g, _ in grads]), torch.cat([w.flatten() for _, w in grads]))
-        assert total < 1e-2, f"step {step}: compiled gradients differ from eager by {total:.2e}"
+        assert total < 2e-2, f"step {step}: compiled gradients differ from eager by {total:.2e}"
