@@ -142,6 +142,7 @@ def test_act_linear_falls_back_per_call_without_interpreter(monkeypatch):
         torch.testing.assert_close(K.swiglu_linear(g, u, w, b), swiglu_linear_reference(g, u, w, b))
         torch.testing.assert_close(K.relu2_linear(u, w, b), relu2_linear_reference(u, w, b))
     finally:
+        monkeypatch.undo()  # reset_backends chooses again at once: with the real interpreter flag
         dispatch.reset_backends()
 
 
