@@ -127,3 +127,19 @@ def test_rope_bad_angles_and_head_dims():
         tri_rope_qkv(rand(1, 3, 4 * 32), cos, sin[..., :16], 2, 1)
     with pytest.raises(ValueError, match="even"):
         tri_rope(_qk(1, 2, 3, 31, "bhtd", F32), _qk(1, 1, 3, 31, "bhtd", F32), cos[..., :31], sin[..., :31])
+
+
+@pytest.mark.parametrize("B, T", [(0, 3), (2, 0)], ids=["no-rows", "no-positions"])
+def test_rope_empty_inputs(poison, B, T):
+    """An empty batch or sequence: empty outputs and gradients of the inputs' shapes (the kernels write 1-D buffers
+    viewed afterwards, which must not need a size inferred from zero elements)."""
+    cos, sin = rotary_angles(1, T, 32, F32)
+    qkv = leaf(rand(B, T, 4 * 32))
+    q, k, v = tri_rope_qkv(qkv, cos, sin, 2, 1)
+    assert (q.shape, k.shape, v.shape) == ((B, 2, T, 32), (B, 1, T, 32), (B, 1, T, 32))
+    (grad,) = torch.autograd.grad(q.sum() + k.sum() + v.sum(), (qkv,))
+    assert grad.shape == qkv.shape
+    q, k = _qk(B, 2, T, 32, "bthd", F32), _qk(B, 1, T, 32, "bthd", F32)
+    qo, ko = tri_rope(q, k, cos, sin)
+    assert (qo.shape, ko.shape) == (q.shape, k.shape)
+    assert [g.shape for g in torch.autograd.grad(qo.sum() + ko.sum(), (q, k))] == [q.shape, k.shape]

@@ -267,9 +267,9 @@ if HAS_TRITON:
         D = _qkv_head_dim(qkv, n_q_heads, n_kv_heads)
         cos, sin = _checked_angles(cos, sin, B, T, D)
         qkv = with_unit_last_stride(qkv)
-        buffers = [written_buffer(B * T * heads * D, qkv.dtype, qkv.device)
-                   for heads in (n_q_heads, n_kv_heads, n_kv_heads)]
-        qo, ko, vo = (b.view(B, T, -1, D).transpose(1, 2) for b in buffers)
+        heads = (n_q_heads, n_kv_heads, n_kv_heads)
+        buffers = [written_buffer(B * T * h * D, qkv.dtype, qkv.device) for h in heads]
+        qo, ko, vo = (b.view(B, T, h, D).transpose(1, 2) for b, h in zip(buffers, heads))
         if B * T:
             _launch_qkv(qkv, qo, ko, vo, cos, sin, backward=False, pointers=(qkv, *buffers))
         return qo, ko, vo
@@ -283,7 +283,7 @@ if HAS_TRITON:
         Hk = dk.shape[1]
         cos, sin = _checked_angles(cos, sin, B, T, D)
         buffer = written_buffer(B * T * (Hq + 2 * Hk) * D, dq.dtype, dq.device)
-        dqkv = buffer.view(B, T, -1)
+        dqkv = buffer.view(B, T, (Hq + 2 * Hk) * D)
         if B * T:
             dq, dk, dv = (with_unit_last_stride(t) for t in (dq, dk, dv))
             _launch_qkv(dqkv, dq, dk, dv, cos, sin, backward=True, pointers=(buffer, dq, dk, dv))
