@@ -4,8 +4,9 @@ varlen function, each checked against nanovision's output and gradients), and wi
 kernels' launch configs (tile sizes, warps, pipeline stages).
 
 Shape: the d20 attention (10 query heads, 5 KV heads, head dim 128, bf16), 8 rows of 2048 tokens best-fit packed with
-log-normal documents (mean ~600), as in benchmarks/train_step.py, and the same rows as one document each. Figures are useful TFLOP/s: only in-document causal
-pairs count (fwd 2 matmuls, bwd 2.5x fwd), dense attention counting its whole causal triangle.
+log-normal documents (mean ~600), as in benchmarks/train_step.py, and the same rows as one document each. Figures are
+useful TFLOP/s: only in-document causal pairs count (fwd 2 matmuls, bwd 2.5x fwd), dense attention counting its whole
+causal triangle.
 
     python benchmarks/varlen_attention.py --out benchmarks/results/varlen_attention.json [--sweep [--quick]]
 """
@@ -73,9 +74,12 @@ def measure(rows, sweep_configs, quick):
 
     defaults = dict(FWD_CONFIG=ops.FWD_CONFIG, BWD_DKDV_CONFIG=ops.BWD_DKDV_CONFIG, BWD_DQ_CONFIG=ops.BWD_DQ_CONFIG)
 
-    def timed(**settings):
+    def use_configs(**settings):
         for name, value in {**defaults, **settings}.items():
             setattr(ops, name, value)
+
+    def timed(**settings):
+        use_configs(**settings)
         try:
             out, lse = ops._forward(q, k, v, cu_seqlens, longest, scale)
             fwd = cuda_ms(lambda: ops._forward(q, k, v, cu_seqlens, longest, scale), repeats=20, warmup=3)
@@ -126,8 +130,7 @@ def measure(rows, sweep_configs, quick):
         fwd, bwd = timed(**settings)
         record(f"nanovision Triton, {name}", fwd, bwd,
                settings={k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()})
-    for name, value in defaults.items():
-        setattr(ops, name, value)
+    use_configs()
     # the Triton kernels' output and input gradients for do are what the other kernels are checked against
     reference_out, reference_lse = ops._forward(q, k, v, cu_seqlens, longest, scale)
     reference_grads = ops._backward(do, q, k, v, reference_out, reference_lse, cu_seqlens, longest, scale)

@@ -183,11 +183,14 @@ def test_compiled_varlen_training_with_changing_batches(vlm):
     text = tiny_text_config(**TEXT, use_fused_kernels=True)
     if vlm:
         config = tiny_vlm_config(text=text, vision_config=dict(VISION), image_token_id=IMAGE_TOKEN_ID)
-        build = lambda: AutoModelForImageTextToText.from_config(config, attn_implementation="nanovision_varlen")  # noqa: E731
-        image_tokens, image_size = config.num_image_tokens, VISION["image_size"]
+        auto_class, image_tokens = AutoModelForImageTextToText, config.num_image_tokens
+        image_size = VISION["image_size"]
     else:
-        build = lambda: AutoModelForCausalLM.from_config(text, attn_implementation="nanovision_varlen")  # noqa: E731
-        image_tokens, image_size = 0, None
+        config, auto_class, image_tokens, image_size = text, AutoModelForCausalLM, 0, None
+
+    def build():
+        return auto_class.from_config(config, attn_implementation="nanovision_varlen")
+
     eager = randomize(build(), std=0.05).cuda().train()
     model = build().cuda().train()
     model.load_state_dict(eager.state_dict())

@@ -19,10 +19,10 @@ def unused_pointer(t: torch.Tensor) -> torch.Tensor:
 
 
 def written_buffer(numel, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 1-D buffer for a kernel to write, viewed in its final shape after the launch. torch.compile (torch 2.11)
-    copies each tensor a Triton kernel writes, and under dynamic shapes that copy fails to compile for a tensor with a
-    size-1 dim of symbolic stride (pytorch/pytorch#181735), e.g. [1, T, F] for a batch of one row: a 1-D tensor has
-    none."""
+    """A 1-D buffer for a kernel to write (the pointer argument), seen by callers through a view of its final shape
+    (whose strides the kernel takes). torch.compile (torch 2.11) copies each tensor a Triton kernel writes, and under
+    dynamic shapes that copy fails to compile for a tensor with a size-1 dim of symbolic stride
+    (pytorch/pytorch#181735), e.g. [1, T, F] for a batch of one row: a 1-D tensor has none."""
     return torch.empty((numel,), dtype=dtype, device=device)
 
 
