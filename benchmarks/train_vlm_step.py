@@ -10,7 +10,7 @@ document lengths and the same FLOPs, and Llava's documents hold fewer text token
 weights, torch fused AdamW; a step is forward + loss + backward + optimizer step; the tower is trained or frozen.
 
     python benchmarks/train_vlm_step.py --out benchmarks/results/train_vlm_step.json [--resolutions 224 384]
-        [--towers trained frozen] [--variants ...] [--profile 2] [--smoke]
+        [--towers trained frozen] [--variants ...] [--profile 2] [--tower-alone] [--smoke]
 """
 
 import argparse
@@ -163,6 +163,28 @@ def part_times(model, batch, tower_trained):
     return parts
 
 
+def tower_alone(s, resolution, pixel_values):
+    """The SigLIP tower of each model family by itself, eager under bf16 autocast on the same images: forward +
+    backward (trained) and forward without grad (frozen), ms. Both families build transformers' SiglipVisionModel
+    from the same config, so the figures should agree; this checks that the step comparison is about the rest."""
+    times = {}
+    for family, build in (("nanovision", lambda: nanovision_vlm(s, resolution, "nanovision_varlen")),
+                          ("llava", lambda: llava_vlm(s, resolution))):
+        torch.manual_seed(0)
+        tower = without_zero_weights(build()).model.vision_tower.to(pixel_values.device).train()
+
+        def forward():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return tower(pixel_values=pixel_values).last_hidden_state
+
+        def trained():
+            out = forward()
+            out.backward(torch.ones_like(out))
+
+        times[family] = dict(trained_ms=cuda_ms(trained), frozen_ms=cuda_ms(torch.no_grad()(forward)))
+    return times
+
+
 def bench_variant(name, s, resolution, tower_trained, device, batch, images, steps, warmup, profile):
     build, compiled, flash_kwargs = VARIANTS[name]
     torch.manual_seed(0)
@@ -227,6 +249,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for a quick check")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many steps (top kernels) and time the eager parts of a step")
+    parser.add_argument("--tower-alone", action="store_true",
+                        help="first time each family's vision tower by itself at each resolution (eager)")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -250,7 +274,23 @@ def main():
                                    llava=vlm_batch(s, rows, patches, pixel_values, device), images=images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = []
+    towers, results = {}, []
+
+    def write():
+        """After every measurement, so that a run stopped at a time limit keeps what it measured."""
+        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                       matmul_tflops=peak, shape=s, images_per_row=IMAGES_PER_ROW,
+                                       kernels=describe_backends(), tower_alone=towers, variants=results),
+                                  indent=2))
+
+    if args.tower_alone:
+        for resolution in args.resolutions:
+            pixel_values = batches[resolution]["nanovision"]["pixel_values"]
+            towers[resolution] = tower_alone(s, resolution, pixel_values)
+            print(f"{resolution}px vision tower alone, {len(pixel_values)} images (ms, eager): " + "; ".join(
+                f"{family} trained {t['trained_ms']:.1f}, frozen {t['frozen_ms']:.1f}"
+                for family, t in towers[resolution].items()), flush=True)
+            write()
     for name, resolution, trained in runs:
         b = batches[resolution]
         try:
@@ -271,10 +311,7 @@ def main():
                   f" (wall {row['wall_s']:.0f} s{', compile failed: eager' if 'compile_error' in row else ''})",
                   flush=True)
         add_ratios(results)
-        # written after every row, so that a run stopped at a time limit keeps what it measured
-        out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                       matmul_tflops=peak, shape=s, images_per_row=IMAGES_PER_ROW,
-                                       kernels=describe_backends(), variants=results), indent=2))
+        write()
     print(f"\n{'res':>4} {'tower':7} {'variant':48} {'step ms':>8} {'img/s':>7} {'tok/s':>8} {'GiB':>5} "
           f"{'x llava':>7} {'mem x':>6}")
     for row in (r for r in results if "error" not in r):
