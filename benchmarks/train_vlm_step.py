@@ -135,7 +135,9 @@ def vlm_batch(s, rows, image_tokens, pixel_values, device, seed=0):
 def part_times(model, batch, tower_trained):
     """Where an eager step's time goes: forward + backward of the tower, the connector and the language model, each
     on its own (on detached inputs of the real shapes) under bf16 autocast; the rest of the step (embedding, head,
-    loss, optimizer) is the whole eager step minus these. Both model families name the parts alike."""
+    loss, optimizer) is the whole eager step minus these. Both model families name the parts alike. Measured after
+    the variant's compiled steps, they split one variant's step; across variants they have differed by more than the
+    parts do (the towers alone: `--tower-alone`)."""
     inner = model.model
     lm_kwargs = {k: batch[k] for k in ("position_ids", *FLASH_KWARGS) if k in batch}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
