@@ -13,6 +13,7 @@ causal triangle.
 
 import argparse
 import json
+import statistics
 import time
 from itertools import product
 from pathlib import Path
@@ -20,22 +21,40 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from train_step import SHAPE, cuda_ms, lognormal_rows, torch_varlen  # benchmarks/ is the script's directory
+from train_step import SHAPE, lognormal_rows, torch_varlen  # benchmarks/ is the script's directory
 
 from nanovision.kernels import document_bounds
 from nanovision.kernels.ops import varlen_attention as ops
 
 
 def candidates(quick):
-    """(forward, dK/dV, dQ) configs (BLOCK_M, BLOCK_N, num_warps, num_stages); the kernels' static asserts want the
-    diagonal tiles aligned (forward and dQ: BLOCK_M % BLOCK_N == 0; dK/dV: BLOCK_N % BLOCK_M == 0)."""
+    """(forward, dK/dV, dQ) configs (BLOCK_M query rows of a tile, BLOCK_N, num_warps, num_stages). With the d20's kv
+    groups of two a tile of BLOCK_M rows holds BLOCK_M / 2 positions of two heads; the forward and dQ shrink BLOCK_N
+    to those positions, the dK/dV kernel wants its BLOCK_N a multiple of them."""
     warps, stages = ((4, 8), (2, 3)) if quick else ((4, 8), (2, 3, 4))
-    fwd = [(m, n, w, st) for (m, n), w, st in product([(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)],
+    fwd = [(m, n, w, st) for (m, n), w, st in product([(64, 32), (128, 32), (128, 64), (256, 64), (256, 128)],
                                                        warps, stages)]
-    dkdv = [(m, n, w, st) for (m, n), w, st in product([(16, 64), (32, 64), (64, 64), (32, 128), (64, 128)],
+    dkdv = [(m, n, w, st) for (m, n), w, st in product([(16, 64), (32, 64), (64, 64), (32, 128), (64, 128), (128, 128)],
                                                         warps, (1, 2, 3))]
-    dq = [(m, n, w, st) for (m, n), w, st in product([(64, 32), (64, 64), (128, 32), (128, 64)], warps, stages)]
+    dq = [(m, n, w, st) for (m, n), w, st in product([(64, 32), (128, 32), (128, 64), (256, 64)], warps, stages)]
     return fwd, dkdv, dq
+
+
+def queued_ms(fn, calls=10, repeats=10, warmup=3):
+    """Median GPU milliseconds of one fn() call, timed over `calls` calls queued back to back: a kernel of ~0.2 ms
+    timed alone between CUDA events would include the host's launch time, since the GPU waits for it."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
 
 
 def measure(rows, sweep_configs, quick):
@@ -61,18 +80,17 @@ def measure(rows, sweep_configs, quick):
     qd, kd, vd = (t.view(B, T, -1, D).transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense_out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)
-        dense_fwd = cuda_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True),
-                            repeats=20, warmup=3)
+        dense_fwd = queued_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True))
         dense_do = do.view(B, T, H, D).transpose(1, 2)
-        dense_bwd = cuda_ms(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), dense_do, retain_graph=True),
-                            repeats=20, warmup=3)
+        dense_bwd = queued_ms(lambda: torch.autograd.grad(dense_out, (qd, kd, vd), dense_do, retain_graph=True))
     dense = dict(fwd_ms=dense_fwd, bwd_ms=dense_bwd, fwd_tflops=fwd_tflops(dense_pairs, dense_fwd),
                  bwd_tflops=2.5 * fwd_tflops(dense_pairs, dense_bwd),
                  total_tflops=3.5 * fwd_tflops(dense_pairs, dense_fwd + dense_bwd))
     print(f"dense causal cuDNN: fwd {dense_fwd:.3f} ms ({dense['fwd_tflops']:.0f} TFLOP/s), bwd {dense_bwd:.3f} ms "
           f"({dense['bwd_tflops']:.0f}), fwd+bwd {dense['total_tflops']:.0f} useful TFLOP/s")
 
-    defaults = dict(FWD_CONFIG=ops.FWD_CONFIG, BWD_DKDV_CONFIG=ops.BWD_DKDV_CONFIG, BWD_DQ_CONFIG=ops.BWD_DQ_CONFIG)
+    defaults = dict(FWD_CONFIG=ops.FWD_CONFIG, BWD_DKDV_CONFIG=ops.BWD_DKDV_CONFIG, BWD_DQ_CONFIG=ops.BWD_DQ_CONFIG,
+                    MIN_POSITIONS=ops.MIN_POSITIONS)
 
     def use_configs(**settings):
         for name, value in {**defaults, **settings}.items():
@@ -82,14 +100,14 @@ def measure(rows, sweep_configs, quick):
         use_configs(**settings)
         try:
             out, lse = ops._forward(q, k, v, cu_seqlens, longest, scale)
-            fwd = cuda_ms(lambda: ops._forward(q, k, v, cu_seqlens, longest, scale), repeats=20, warmup=3)
-            bwd = cuda_ms(lambda: ops._backward(do, q, k, v, out, lse, cu_seqlens, longest, scale), repeats=20,
-                          warmup=3)
+            fwd = queued_ms(lambda: ops._forward(q, k, v, cu_seqlens, longest, scale))
+            bwd = queued_ms(lambda: ops._backward(do, q, k, v, out, lse, cu_seqlens, longest, scale))
             return fwd, bwd
         except Exception as error:  # noqa: BLE001  a config that does not fit (shared memory, registers) is skipped
             return repr(error)[:120]
 
-    sweep, schemes = [], {"defaults": {}}
+    # the ablation: no tile packs the heads of a kv group (each holds one head's positions, as before 2026-12-02)
+    sweep, schemes = [], {"defaults": {}, "defaults, one head a tile": dict(MIN_POSITIONS=1 << 30)}
     if sweep_configs:
         fwd_c, dkdv_c, dq_c = candidates(quick)
         start = time.perf_counter()
@@ -155,8 +173,8 @@ def measure(rows, sweep_configs, quick):
             out = call()
             grads = torch.autograd.grad(out, leaves, do, retain_graph=True)
             error = max(rel_error(got, want) for got, want in zip((out, *grads), (reference_out, *reference_grads)))
-            fwd = cuda_ms(call, repeats=20, warmup=3)
-            bwd = cuda_ms(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), repeats=20, warmup=3)
+            fwd = queued_ms(call)
+            bwd = queued_ms(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
         except Exception as error:  # noqa: BLE001  a kernel that refuses this input is reported
             results.append(dict(scheme=name, error=repr(error)[:300]))
             print(f"{name:36} failed: {results[-1]['error']}")

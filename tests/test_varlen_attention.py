@@ -81,7 +81,8 @@ def test_reference_is_causal_sdpa_per_document(lengths):
 
 
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
-@pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
+# grouped heads share query tiles: two to a tile (gqa), two tiles a group (gqa4), none (mha)
+@pytest.mark.parametrize("heads", [(4, 2), (8, 2), (2, 2)], ids=["gqa", "gqa4", "mha"])
 def test_matches_reference(poison, lengths, heads):
     seed_case("ref", lengths, heads)
     run_and_compare(lengths, *heads, head_dim=16)

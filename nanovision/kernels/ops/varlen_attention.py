@@ -7,11 +7,15 @@ pair, so these kernels walk each document's causal triangle alone, described by 
     q [total_tokens, Hq, D], k / v [total_tokens, Hkv, D], cu_seqlens int32 [num_seqs + 1]
     document i = tokens cu_seqlens[i] : cu_seqlens[i + 1]; query head h reads kv head h // (Hq // Hkv)
 
-Forward: one program per (query block, document, query head), online softmax in fp32 with exp2, saving the
+Forward: one program per (query block, document, query heads), online softmax in fp32 with exp2, saving the
 row log-sum-exp. Backward recomputes the probabilities from q, k and that log-sum-exp: delta = rowsum(dO * O),
 then dK/dV with one program per (key block, document, kv head) that loops over the query heads of its group (so
 every dk / dv row has a single writer: no atomics), then dQ with one program per (query block, document, query
-head). Only the blocks that straddle the diagonal or the document's end pay for masking.
+heads). Only the blocks that straddle the diagonal or the document's end pay for masking.
+
+Query tiles hold PACK heads of one kv group at once (rows = PACK heads x POS positions, head-major), as
+FlashAttention-3's packed GQA does: each k / v tile loaded serves every head of the tile, and a tile covers
+fewer positions, so a short document's diagonal and tail tiles mask less.
 """
 
 from typing import Optional, Tuple
@@ -135,37 +139,42 @@ if HAS_TRITON:
         stride_ot, stride_oh,
         stride_lse_h,
         GROUP: tl.constexpr,
+        PACK: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        # the diagonal blocks start exactly at the query block's first row
-        tl.static_assert(BLOCK_M % BLOCK_N == 0)
+        POS: tl.constexpr = BLOCK_M // PACK
+        # the diagonal blocks start exactly at the query block's first position
+        tl.static_assert(POS % BLOCK_N == 0)
         # inside a compiled graph the scale can arrive as an fp64 scalar (a symbolic float), which would promote every
         # score to fp64
         qk_scale = tl.cast(qk_scale, tl.float32)
         # causal work grows with the query position: launch a document's last (heaviest) query blocks first so the
         # light ones fill the tail of the grid
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * POS
         seq = tl.program_id(1)
-        head = tl.program_id(2)
+        head0 = tl.program_id(2) * PACK
         seq_start = tl.load(CU_SEQLENS + seq)
         seq_len = tl.load(CU_SEQLENS + seq + 1) - seq_start
         if start_m >= seq_len:
             return
-        kv_head = head // GROUP
+        kv_head = head0 // GROUP
         tok0 = seq_start.to(tl.int64)
-        Q += tok0 * stride_qt + head * stride_qh
+        Q += tok0 * stride_qt + head0 * stride_qh
         K += tok0 * stride_kt + kv_head * stride_kh
         V += tok0 * stride_vt + kv_head * stride_vh
-        OUT += tok0 * stride_ot + head * stride_oh
-        LSE += head.to(tl.int64) * stride_lse_h + tok0
+        OUT += tok0 * stride_ot + head0 * stride_oh
+        LSE += head0.to(tl.int64) * stride_lse_h + tok0
 
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = start_m + rows % POS
+        row_head = rows // POS
         offs_d = tl.arange(0, HEAD_DIM)
         row_mask = offs_m < seq_len
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+        q_ptrs = Q + offs_m[:, None] * stride_qt + row_head[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -177,14 +186,13 @@ if HAS_TRITON:
         )
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, K, V, stride_kt, stride_vt, offs_m, seq_len, qk_scale,
-            start_m, tl.minimum(start_m + BLOCK_M, seq_len),
+            start_m, tl.minimum(start_m + POS, seq_len),
             HEAD_DIM, BLOCK_N, True, PRECISION,
         )
         acc = acc / l_i[:, None]
-        tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_mask)
-        tl.store(
-            OUT + offs_m[:, None] * stride_ot + offs_d[None, :], acc.to(OUT.dtype.element_ty), mask=row_mask[:, None]
-        )
+        tl.store(LSE + row_head * stride_lse_h + offs_m, m_i + tl.math.log2(l_i), mask=row_mask)
+        out_ptrs = OUT + offs_m[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=row_mask[:, None])
 
     @triton.jit
     def _varlen_bwd_preprocess_kernel(
@@ -209,37 +217,43 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_dkdv_inner(
         dk, dv, k, v,
-        Q, DO, LSE, DELTA, stride_qt, stride_dot,
+        Q, DO, LSE, DELTA, stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
         offs_n, seq_len, qk_scale, lo, hi,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        POS: tl.constexpr,
         MASK: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # works on transposed scores S^T [BLOCK_N, BLOCK_M] so that P^T and dS^T feed the dk / dv products
-        # directly (no register transpose of P)
-        offs_m = tl.arange(0, BLOCK_M)
+        # directly (no register transpose of P); the BLOCK_M columns are PACK heads x POS positions, so the products
+        # also sum over the tile's heads, as dk / dv of a shared kv head must
+        cols = tl.arange(0, BLOCK_M)
+        offs_m = cols % POS
+        col_head = cols // POS
         offs_d = tl.arange(0, HEAD_DIM)
-        qT_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None]
-        do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :]
-        for start_m in range(lo, hi, BLOCK_M):
+        qT_ptrs = Q + offs_m[None, :] * stride_qt + col_head[None, :] * stride_qh + offs_d[:, None]
+        do_ptrs = DO + offs_m[:, None] * stride_dot + col_head[:, None] * stride_doh + offs_d[None, :]
+        lse_ptrs = LSE + col_head * stride_lse_h + offs_m
+        delta_ptrs = DELTA + col_head * stride_lse_h + offs_m
+        for start_m in range(lo, hi, POS):
             rows = start_m + offs_m
             if MASK:
                 row_in = rows < seq_len
                 qT = tl.load(qT_ptrs + start_m * stride_qt, mask=row_in[None, :], other=0.0)
-                lse = tl.load(LSE + rows, mask=row_in, other=0.0)
+                lse = tl.load(lse_ptrs + start_m, mask=row_in, other=0.0)
             else:
                 qT = tl.load(qT_ptrs + start_m * stride_qt)
-                lse = tl.load(LSE + rows)
+                lse = tl.load(lse_ptrs + start_m)
             pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * qk_scale - lse[None, :])
             if MASK:
                 # above the diagonal the recomputed exponent may overflow; where() drops it before any use
                 pT = tl.where((rows[None, :] >= offs_n[:, None]) & row_in[None, :], pT, 0.0)
                 do = tl.load(do_ptrs + start_m * stride_dot, mask=row_in[:, None], other=0.0)
-                delta = tl.load(DELTA + rows, mask=row_in, other=0.0)
+                delta = tl.load(delta_ptrs + start_m, mask=row_in, other=0.0)
             else:
                 do = tl.load(do_ptrs + start_m * stride_dot)
-                delta = tl.load(DELTA + rows)
+                delta = tl.load(delta_ptrs + start_m)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
@@ -258,13 +272,15 @@ if HAS_TRITON:
         stride_dvt, stride_dvh,
         stride_lse_h,
         GROUP: tl.constexpr,
+        PACK: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
+        POS: tl.constexpr = BLOCK_M // PACK
         # the query blocks that straddle the diagonal are exactly those covering [start_n, start_n + BLOCK_N)
-        tl.static_assert(BLOCK_N % BLOCK_M == 0)
+        tl.static_assert(BLOCK_N % POS == 0)
         sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)  # as in the forward
         # a key block's work shrinks with its position, so the natural order already launches the heaviest first
         start_n = tl.program_id(0) * BLOCK_N
@@ -291,28 +307,31 @@ if HAS_TRITON:
         diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
         # query blocks below the diagonal that lie wholly inside the document need no mask; the one partial block
         # at the document's end (if past the diagonal) takes the masked path
-        full_end = seq_len // BLOCK_M * BLOCK_M
+        full_end = seq_len // POS * POS
         tail_start = tl.maximum(start_n + BLOCK_N, full_end)
-        for g in range(GROUP):
-            head = kv_head * GROUP + g
+        for g in range(GROUP // PACK):
+            head = kv_head * GROUP + g * PACK
             q_head = Q + tok0 * stride_qt + head * stride_qh
             do_head = DO + tok0 * stride_dot + head * stride_doh
             lse_head = LSE + head.to(tl.int64) * stride_lse_h + tok0
             delta_head = DELTA + head.to(tl.int64) * stride_lse_h + tok0
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot,
+                dk, dv, k, v, q_head, do_head, lse_head, delta_head,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
                 offs_n, seq_len, qk_scale, start_n, diag_end,
-                HEAD_DIM, BLOCK_M, True, PRECISION,
+                HEAD_DIM, BLOCK_M, POS, True, PRECISION,
             )
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot,
+                dk, dv, k, v, q_head, do_head, lse_head, delta_head,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
                 offs_n, seq_len, qk_scale, start_n + BLOCK_N, full_end,
-                HEAD_DIM, BLOCK_M, False, PRECISION,
+                HEAD_DIM, BLOCK_M, POS, False, PRECISION,
             )
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_head, do_head, lse_head, delta_head, stride_qt, stride_dot,
+                dk, dv, k, v, q_head, do_head, lse_head, delta_head,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_lse_h,
                 offs_n, seq_len, qk_scale, tail_start, seq_len,
-                HEAD_DIM, BLOCK_M, True, PRECISION,
+                HEAD_DIM, BLOCK_M, POS, True, PRECISION,
             )
 
         # S = scale * q k^T, so dK = scale * dS^T q; the scale is applied once here instead of per block
@@ -362,38 +381,44 @@ if HAS_TRITON:
         stride_dqt, stride_dqh,
         stride_lse_h,
         GROUP: tl.constexpr,
+        PACK: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_M % BLOCK_N == 0)
+        POS: tl.constexpr = BLOCK_M // PACK
+        tl.static_assert(POS % BLOCK_N == 0)
         # heaviest (last) query blocks first, as in the forward
         sm_scale, qk_scale = tl.cast(sm_scale, tl.float32), tl.cast(qk_scale, tl.float32)
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * POS
         seq = tl.program_id(1)
-        head = tl.program_id(2)
+        head0 = tl.program_id(2) * PACK
         seq_start = tl.load(CU_SEQLENS + seq)
         seq_len = tl.load(CU_SEQLENS + seq + 1) - seq_start
         if start_m >= seq_len:
             return
-        kv_head = head // GROUP
+        kv_head = head0 // GROUP
         tok0 = seq_start.to(tl.int64)
-        Q += tok0 * stride_qt + head * stride_qh
+        Q += tok0 * stride_qt + head0 * stride_qh
         K += tok0 * stride_kt + kv_head * stride_kh
         V += tok0 * stride_vt + kv_head * stride_vh
-        DO += tok0 * stride_dot + head * stride_doh
-        DQ += tok0 * stride_dqt + head * stride_dqh
-        LSE += head.to(tl.int64) * stride_lse_h + tok0
-        DELTA += head.to(tl.int64) * stride_lse_h + tok0
+        DO += tok0 * stride_dot + head0 * stride_doh
+        DQ += tok0 * stride_dqt + head0 * stride_dqh
+        LSE += head0.to(tl.int64) * stride_lse_h + tok0
+        DELTA += head0.to(tl.int64) * stride_lse_h + tok0
 
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = start_m + rows % POS
+        row_head = rows // POS
         offs_d = tl.arange(0, HEAD_DIM)
         row_in = offs_m < seq_len
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=row_in, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=row_in, other=0.0)
+        q = tl.load(Q + offs_m[:, None] * stride_qt + row_head[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_in[:, None], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + row_head[:, None] * stride_doh + offs_d[None, :],
+                     mask=row_in[:, None], other=0.0)
+        lse = tl.load(LSE + row_head * stride_lse_h + offs_m, mask=row_in, other=0.0)
+        delta = tl.load(DELTA + row_head * stride_lse_h + offs_m, mask=row_in, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, seq_len, qk_scale, 0, start_m,
@@ -401,11 +426,12 @@ if HAS_TRITON:
         )
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, seq_len, qk_scale,
-            start_m, tl.minimum(start_m + BLOCK_M, seq_len),
+            start_m, tl.minimum(start_m + POS, seq_len),
             HEAD_DIM, BLOCK_N, True, PRECISION,
         )
         dq *= sm_scale
-        tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_in[:, None])
+        dq_ptrs = DQ + offs_m[:, None] * stride_dqt + row_head[:, None] * stride_dqh + offs_d[None, :]
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_in[:, None])
 
 
 # --------------------------------------------------------------------------- #
@@ -415,16 +441,33 @@ LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd / 3rd grid dimension (documents, heads)
 
-# tuning knobs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, tuned on H100 (bf16, head_dim 128, 10 / 5
-# heads, 8 rows of 2048 tokens packed with documents of log-normal lengths around 600). Smaller tiles than for long
-# sequences pay off there: a short document has proportionally more diagonal blocks, where half a tile is masked.
-# The interpreter runs every op as numpy code per program, so it gets small blocks (cheap, and small documents
-# still span several blocks), unequal so that one tile meets several diagonal tiles of the other kind.
+# tuning knobs: (BLOCK_M query rows of a tile, BLOCK_N keys, num_warps, num_stages) per kernel, tuned on H100 (bf16,
+# head_dim 128, 10 / 5 heads, 8 rows of 2048 tokens packed with documents of log-normal lengths around 600). Smaller
+# tiles than for long sequences pay off there: a short document has proportionally more diagonal blocks, where half a
+# tile is masked. The interpreter runs every op as numpy code per program, so it gets small blocks (cheap, and small
+# documents still span several blocks), unequal so that one tile meets several diagonal tiles of the other kind, and
+# wide enough that grouped heads share a tile in every kernel.
 FWD_CONFIG = (64, 64, 4, 3)
 BWD_DKDV_CONFIG = (32, 64, 4, 2)
 BWD_DQ_CONFIG = (128, 64, 8, 3)
-INTERPRET_CONFIGS = ((32, 16, 1, 1), (16, 32, 1, 1), (32, 16, 1, 1))
+INTERPRET_CONFIGS = ((32, 16, 1, 1), (32, 64, 1, 1), (32, 16, 1, 1))
 PREPROCESS_BLOCK_M = 64
+# tl.dot's smallest tile side: a tile keeps at least this many positions of each of its heads
+MIN_POSITIONS = 16
+
+
+def _pack(group: int, block_m: int) -> int:
+    """Query heads a tile of BLOCK_M rows holds: the largest power of two dividing the kv group that leaves the tile
+    MIN_POSITIONS positions a head."""
+    return min(group & -group, max(1, block_m // MIN_POSITIONS))
+
+
+def _query_tiling(config, group: int):
+    """(PACK, BLOCK_M, BLOCK_N, num_warps, num_stages) of a forward or dQ config: BLOCK_N shrinks to the tile's
+    positions where it is larger, so the diagonal key blocks stay aligned with the query tile."""
+    block_m, block_n, num_warps, num_stages = config
+    pack = _pack(group, block_m)
+    return pack, block_m, min(block_n, block_m // pack), num_warps, num_stages
 
 
 def _configs(head_dim: int, on_gpu: bool):
@@ -502,10 +545,11 @@ if HAS_TRITON:
         lse = lse_buffer.view(n_heads, total)
         if total == 0 or max_seqlen == 0:
             return out, lse
-        (block_m, block_n, num_warps, num_stages), _, _ = _configs(head_dim, q.is_cuda)
+        group = n_heads // k.shape[1]
+        pack, block_m, block_n, num_warps, num_stages = _query_tiling(_configs(head_dim, q.is_cuda)[0], group)
         # programs past a short document's end exit at once; numbering the blocks across documents instead (a scan of
         # cu_seqlens per program) was no faster on H100 with 2048-token rows of ~600-token documents
-        grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.numel() - 1, n_heads)
+        grid = (triton.cdiv(max_seqlen, block_m // pack), cu_seqlens.numel() - 1, n_heads // pack)
         wrap_triton(_varlen_fwd_kernel)[grid](
             q, k, v, out, lse_buffer, cu_seqlens,
             scale * LOG2E,
@@ -514,7 +558,7 @@ if HAS_TRITON:
             v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             lse.stride(0),
-            GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
             PRECISION=_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -532,10 +576,11 @@ if HAS_TRITON:
         dv = torch.empty((total, n_kv_heads, head_dim), dtype=v.dtype, device=v.device)
         if total == 0 or max_seqlen == 0:
             return dq, dk, dv
-        _, (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), (dq_m, dq_n, dq_warps, dq_stages) = _configs(
-            head_dim, q.is_cuda)
         num_seqs = cu_seqlens.numel() - 1
         group = n_heads // n_kv_heads
+        _, (dkdv_m, dkdv_n, dkdv_warps, dkdv_stages), dq_config = _configs(head_dim, q.is_cuda)
+        dkdv_pack = _pack(group, dkdv_m)
+        dq_pack, dq_m, dq_n, dq_warps, dq_stages = _query_tiling(dq_config, group)
         precision = _precision(q.dtype)
 
         delta_buffer = written_buffer(lse.numel(), torch.float32, q.device)
@@ -558,10 +603,10 @@ if HAS_TRITON:
             dk.stride(0), dk.stride(1),
             dv.stride(0), dv.stride(1),
             lse.stride(0),
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=precision,
+            GROUP=group, PACK=dkdv_pack, HEAD_DIM=head_dim, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=precision,
             num_warps=dkdv_warps, num_stages=dkdv_stages,
         )
-        wrap_triton(_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen, dq_m), num_seqs, n_heads)](
+        wrap_triton(_varlen_bwd_dq_kernel)[(triton.cdiv(max_seqlen, dq_m // dq_pack), num_seqs, n_heads // dq_pack)](
             q, k, v, do, lse, delta, dq, cu_seqlens,
             scale, scale * LOG2E,
             q.stride(0), q.stride(1),
@@ -570,7 +615,7 @@ if HAS_TRITON:
             do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1),
             lse.stride(0),
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=precision,
+            GROUP=group, PACK=dq_pack, HEAD_DIM=head_dim, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=precision,
             num_warps=dq_warps, num_stages=dq_stages,
         )
         return dq, dk, dv
