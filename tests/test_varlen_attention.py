@@ -180,6 +180,8 @@ def test_errors():
         varlen_attention(q, k, v, cu[:1], 4)
     with pytest.raises(ValueError, match="max_seqlen"):
         varlen_attention(q, k, v, cu, 4.0)
+    with pytest.raises(ValueError, match="more than the GPU grid's 65535"):
+        varlen_attention(q, k, v, cu, 1 << 30)
     with pytest.raises(ValueError, match="cu_seqlens is on"):
         varlen_attention(q, k, v, cu.to("meta" if DEVICE == "cpu" else "cpu"), 4)
 
