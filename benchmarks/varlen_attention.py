@@ -13,7 +13,6 @@ causal triangle.
 
 import argparse
 import json
-import statistics
 import time
 from itertools import product
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from train_step import SHAPE, lognormal_rows, torch_varlen  # benchmarks/ is the script's directory
+from train_step import SHAPE, cuda_ms, lognormal_rows, torch_varlen  # benchmarks/ is the script's directory
 
 from nanovision.kernels import document_bounds
 from nanovision.kernels.ops import varlen_attention as ops
@@ -40,21 +39,9 @@ def candidates(quick):
     return fwd, dkdv, dq
 
 
-def queued_ms(fn, calls=10, repeats=10, warmup=3):
-    """Median GPU milliseconds of one fn() call, timed over `calls` calls queued back to back: a kernel of ~0.2 ms
-    timed alone between CUDA events would include the host's launch time, since the GPU waits for it."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+def queued_ms(fn):
+    """Median GPU milliseconds of one call among 10 queued back to back, as a training step queues them."""
+    return cuda_ms(fn, repeats=10, warmup=3, calls=10)
 
 
 def measure(rows, sweep_configs, quick):
