@@ -10,12 +10,13 @@ document lengths and the same FLOPs, and Llava's documents hold fewer text token
 weights, torch fused AdamW; a step is forward + loss + backward + optimizer step; the tower is trained or frozen.
 
     python benchmarks/train_vlm_step.py --out benchmarks/results/train_vlm_step.json [--resolutions 224 384]
-        [--towers trained frozen] [--variants ...] [--profile 2] [--tower-alone] [--smoke]
+        [--towers trained frozen] [--variants ...] [--rounds 3] [--profile 2] [--tower-alone] [--smoke]
 """
 
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -187,7 +188,10 @@ def tower_alone(s, resolution, pixel_values):
     return times
 
 
-def bench_variant(name, s, resolution, tower_trained, device, batch, images, steps, warmup, profile):
+def start_variant(name, s, resolution, tower_trained, device, batch, images, steps, warmup, others_gib=0.0):
+    """Build a variant and time its first round (compile included): (row, [model, runner, inputs]). `others_gib`:
+    the memory that other variants alive at the same time hold, taken off the peak."""
+    held = torch.cuda.memory_allocated()
     build, compiled, flash_kwargs = VARIANTS[name]
     torch.manual_seed(0)
     model = without_zero_weights(build(s, resolution)).to(device).train()
@@ -199,7 +203,7 @@ def bench_variant(name, s, resolution, tower_trained, device, batch, images, ste
     if compiled and name not in COMPILE_FAILED:
         runner = torch.compile(model)
         try:
-            seconds, peak_gib, loss, kernels = time_steps(runner, inputs, None, steps, warmup, profile)
+            seconds, peak_gib, loss, _ = time_steps(runner, inputs, None, steps, warmup)
         except Exception as error:  # noqa: BLE001  a compile that fails is reported, then the eager model is timed
             if compiled != "try":
                 raise
@@ -207,36 +211,60 @@ def bench_variant(name, s, resolution, tower_trained, device, batch, images, ste
             runner = model
             torch._dynamo.reset()
     if runner is model:
-        seconds, peak_gib, loss, kernels = time_steps(model, inputs, None, steps, warmup, profile)
+        seconds, peak_gib, loss, _ = time_steps(model, inputs, None, steps, warmup)
     if compiled and name in COMPILE_FAILED:
         row["compile_error"] = COMPILE_FAILED[name]
     row["compiled"] = bool(compiled) and "compile_error" not in row
     row["wall_s"] = time.perf_counter() - start  # compile included
-    tokens = batch["input_ids"].numel()
-    row.update(step_ms=seconds * 1e3, images_per_s=images / seconds, tokens_per_s=tokens / seconds,
-               peak_gib=peak_gib, loss=loss)
+    row.update(images=images, tokens=batch["input_ids"].numel(), round_step_ms=[], peak_gib=0.0,
+               resident_gib=(torch.cuda.memory_allocated() - held) / 2**30)
+    add_round(row, seconds, peak_gib - others_gib, loss)
+    return row, [model, runner, inputs]
+
+
+def add_round(row, seconds, peak_gib, loss):
+    """One round's timing into the row: its step time is the median over rounds, its peak memory the largest."""
+    row["round_step_ms"].append(seconds * 1e3)
+    step = statistics.median(row["round_step_ms"]) / 1e3
+    row.update(step_ms=step * 1e3, images_per_s=row["images"] / step, tokens_per_s=row["tokens"] / step,
+               peak_gib=max(row["peak_gib"], peak_gib), loss=loss)
+
+
+def finish_variant(row, objects, tower_trained, profile):
+    """The profile and the eager parts of a step (if asked), then the variant's memory back (`objects`, the list
+    start_variant returned, is emptied)."""
+    model, runner, inputs = objects
+    objects.clear()
     if profile:
-        row["profile"] = kernels
+        *_, row["profile"] = time_steps(runner, inputs, None, 1, 1, profile)
         eager_step, _, _, _ = time_steps(model, inputs, None, 3, 2)
         row["eager_parts_ms"] = part_times(model, inputs, tower_trained)
         row["eager_parts_ms"]["rest: embedding, head + loss, optimizer"] = (
             eager_step * 1e3 - sum(row["eager_parts_ms"].values()))
         row["eager_step_ms"] = eager_step * 1e3
-    del model, runner
+    del model, runner, inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def release():
+    """Memory and compiled code back, once no variant of the group is alive (a reset would recompile the others)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch._dynamo.reset()
-    return row
 
 
 def add_ratios(results):
     """Speed (tokens/s; images/s gives the same ratio) and peak memory of each row over the Llava baseline's at the
-    same resolution and tower setting."""
+    same resolution and tower setting. With several rounds the speed ratio is the median of the rounds' own ratios
+    (each round times every variant once, back to back), so that a drift of the GPU's clocks between rounds cancels."""
     for row in (r for r in results if "error" not in r):
         base = next((r for r in results if r["variant"] == BASELINE and "error" not in r and r["resolution"] == row["resolution"]
                      and r["tower"] == row["tower"]), None)
         if base is not None:
-            row["speed_vs_llava"] = row["tokens_per_s"] / base["tokens_per_s"]
+            rounds = list(zip(base["round_step_ms"], row["round_step_ms"]))
+            row["round_speed_vs_llava"] = [b / r for b, r in rounds]
+            row["speed_vs_llava"] = statistics.median(row["round_speed_vs_llava"])
             row["memory_vs_llava"] = row["peak_gib"] / base["peak_gib"]
 
 
@@ -248,6 +276,10 @@ def main():
     parser.add_argument("--towers", nargs="*", default=["trained", "frozen"], choices=["trained", "frozen"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each configuration's variants this many times in turn, all of them alive at once "
+                             "(compiled once); the step is the median round, the speed ratio the median of the "
+                             "rounds' ratios")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for a quick check")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many steps (top kernels) and time the eager parts of a step")
@@ -257,6 +289,11 @@ def main():
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.rounds > 1 and len(args.resolutions) * len(args.towers) > 1 and any("liger" in v for v in args.variants):
+        parser.error("--rounds runs each configuration's variants together, and Liger's patch changes transformers' "
+                     "Llama for the rest of the process: with a Liger variant give one resolution and one tower")
     s = SMOKE if args.smoke else SHAPE
     device = torch.device("cuda")
     peak = matmul_tflops(device)
@@ -293,33 +330,57 @@ def main():
                 f"{family} trained {t['trained_ms']:.1f}, frozen {t['frozen_ms']:.1f}"
                 for family, t in towers[resolution].items()), flush=True)
             write()
-    for name, resolution, trained in runs:
-        b = batches[resolution]
-        try:
-            row = bench_variant(name, s, resolution, trained, device, b["llava" if "llava" in name else "nanovision"],
-                                b["images"], args.steps, args.warmup, args.profile)
-        except Exception as error:  # noqa: BLE001  one variant that breaks is reported; the others still run
-            row = dict(variant=name, resolution=resolution, tower="trained" if trained else "frozen",
-                       error=repr(error)[:300])
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch._dynamo.reset()
-        results.append(row)
-        if "error" in row:
-            print(f"{resolution}px tower {row['tower']:7s} {name:48s} failed: {row['error']}", flush=True)
-        else:
-            print(f"{resolution}px tower {row['tower']:7s} {name:48s} {row['step_ms']:7.1f} ms "
-                  f"{row['images_per_s']:7.0f} img/s {row['tokens_per_s']:8.0f} tok/s peak {row['peak_gib']:5.1f} GiB"
-                  f" (wall {row['wall_s']:.0f} s{', compile failed: eager' if 'compile_error' in row else ''})",
-                  flush=True)
-        add_ratios(results)
-        write()
+    # One group at a time is alive: with --rounds, a configuration's variants, timed in turn each round
+    groups = [[run] for run in runs] if args.rounds == 1 else [
+        [run for run in runs if run[1:] == config] for config in configs]
+    for group in groups:
+        live = []
+        for name, resolution, trained in group:
+            b = batches[resolution]
+            try:
+                row, objects = start_variant(name, s, resolution, trained, device,
+                                             b["llava" if "llava" in name else "nanovision"], b["images"], args.steps,
+                                             args.warmup, sum(other["resident_gib"] for other, _, _ in live))
+                live.append((row, objects, trained))
+            except Exception as error:  # noqa: BLE001  one variant that breaks is reported; the others still run
+                row = dict(variant=name, resolution=resolution, tower="trained" if trained else "frozen",
+                           error=repr(error)[:300])
+                gc.collect()
+                torch.cuda.empty_cache()
+            results.append(row)
+            if "error" in row:
+                print(f"{resolution}px tower {row['tower']:7s} {name:48s} failed: {row['error']}", flush=True)
+            else:
+                print(f"{resolution}px tower {row['tower']:7s} {name:48s} {row['step_ms']:7.1f} ms "
+                      f"{row['images_per_s']:7.0f} img/s {row['tokens_per_s']:8.0f} tok/s peak {row['peak_gib']:5.1f} "
+                      f"GiB (wall {row['wall_s']:.0f} s{', compile failed: eager' if 'compile_error' in row else ''})",
+                      flush=True)
+            add_ratios(results)
+            write()
+        for round_index in range(1, args.rounds):
+            for row, (_, runner, inputs), _ in live:
+                seconds, peak_gib, loss, _ = time_steps(runner, inputs, None, args.steps, args.warmup)
+                others_gib = sum(other["resident_gib"] for other, _, _ in live if other is not row)
+                add_round(row, seconds, peak_gib - others_gib, loss)
+            add_ratios(results)
+            write()
+            print(f"round {round_index + 1}: " + "; ".join(
+                f"{row['variant']} {row['round_step_ms'][-1]:.1f} ms" for row, _, _ in live), flush=True)
+        while live:
+            row, objects, trained = live.pop(0)
+            finish_variant(row, objects, trained, args.profile)
+            write()
+        release()
     print(f"\n{'res':>4} {'tower':7} {'variant':48} {'step ms':>8} {'img/s':>7} {'tok/s':>8} {'GiB':>5} "
           f"{'x llava':>7} {'mem x':>6}")
     for row in (r for r in results if "error" not in r):
         print(f"{row['resolution']:4d} {row['tower']:7} {row['variant']:48} {row['step_ms']:8.1f} "
               f"{row['images_per_s']:7.0f} {row['tokens_per_s']:8.0f} {row['peak_gib']:5.1f} "
               f"{row.get('speed_vs_llava', float('nan')):7.2f} {row.get('memory_vs_llava', float('nan')):6.2f}")
+        if len(row["round_step_ms"]) > 1:
+            print("      rounds (ms): " + ", ".join(f"{ms:.1f}" for ms in row["round_step_ms"]) + (
+                "; x llava: " + ", ".join(f"{x:.3f}" for x in row["round_speed_vs_llava"])
+                if "round_speed_vs_llava" in row else ""))
         if "eager_parts_ms" in row:
             print("      eager parts (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in row["eager_parts_ms"].items())
                   + f"; eager step {row['eager_step_ms']:.1f}")

@@ -128,6 +128,15 @@ def test_documents_isolated(poison):
         assert g[a:b].abs().sum() > 0, f"{name} is zero inside the document"
 
 
+@pytest.mark.skipif(not TEST_ON_CUDA, reason="70,000 documents are too many programs for the Triton interpreter")
+def test_more_documents_than_a_grid_dimension_above_the_first_holds(poison):
+    """Documents x heads share the grids' 1st dimension (up to 2^31 - 1 programs): a batch may hold more documents
+    than the 65,535 that CUDA allows along the 2nd and 3rd."""
+    seed_case("documents beyond 65535")
+    lengths = torch.randint(0, 4, (70_000,), generator=torch.Generator().manual_seed(0)).tolist()
+    run_and_compare(lengths, 4, 2, 16)
+
+
 # --------------------------------------------------------------------------- #
 # strided inputs
 # --------------------------------------------------------------------------- #
