@@ -188,9 +188,10 @@ def tower_alone(s, resolution, pixel_values):
     return times
 
 
-def start_variant(name, s, resolution, tower_trained, device, batch, images, steps, warmup, others_gib=0.0):
-    """Build a variant and time its first round (compile included): (row, [model, runner, inputs]). `others_gib`:
-    the memory that other variants alive at the same time hold, taken off the peak."""
+def start_variant(name, s, resolution, tower_trained, device, batch, images, steps, warmup, profile, others_gib):
+    """Build a variant and time its first round (compile included; then `profile` steps profiled, if asked): (row,
+    [model, runner, inputs]). `others_gib`: the memory that other variants alive at the same time hold, taken off the
+    peak."""
     held = torch.cuda.memory_allocated()
     build, compiled, flash_kwargs = VARIANTS[name]
     torch.manual_seed(0)
@@ -203,7 +204,7 @@ def start_variant(name, s, resolution, tower_trained, device, batch, images, ste
     if compiled and name not in COMPILE_FAILED:
         runner = torch.compile(model)
         try:
-            seconds, peak_gib, loss, _ = time_steps(runner, inputs, None, steps, warmup)
+            seconds, peak_gib, loss, kernels = time_steps(runner, inputs, None, steps, warmup, profile)
         except Exception as error:  # noqa: BLE001  a compile that fails is reported, then the eager model is timed
             if compiled != "try":
                 raise
@@ -211,15 +212,22 @@ def start_variant(name, s, resolution, tower_trained, device, batch, images, ste
             runner = model
             torch._dynamo.reset()
     if runner is model:
-        seconds, peak_gib, loss, _ = time_steps(model, inputs, None, steps, warmup)
+        seconds, peak_gib, loss, kernels = time_steps(model, inputs, None, steps, warmup, profile)
     if compiled and name in COMPILE_FAILED:
         row["compile_error"] = COMPILE_FAILED[name]
     row["compiled"] = bool(compiled) and "compile_error" not in row
     row["wall_s"] = time.perf_counter() - start  # compile included
     row.update(images=images, tokens=batch["input_ids"].numel(), round_step_ms=[], peak_gib=0.0,
                resident_gib=(torch.cuda.memory_allocated() - held) / 2**30)
+    if profile:
+        row["profile"] = kernels
     add_round(row, seconds, peak_gib - others_gib, loss)
     return row, [model, runner, inputs]
+
+
+def held_by_others(live, row=None):
+    """GiB that the live variants other than `row` hold between their steps (their weights)."""
+    return sum(other["resident_gib"] for other, _, _ in live if other is not row)
 
 
 def add_round(row, seconds, peak_gib, loss):
@@ -231,12 +239,11 @@ def add_round(row, seconds, peak_gib, loss):
 
 
 def finish_variant(row, objects, tower_trained, profile):
-    """The profile and the eager parts of a step (if asked), then the variant's memory back (`objects`, the list
-    start_variant returned, is emptied)."""
+    """The eager parts of a step (with `profile`), then the variant's memory back (`objects`, the list start_variant
+    returned, is emptied)."""
     model, runner, inputs = objects
     objects.clear()
     if profile:
-        *_, row["profile"] = time_steps(runner, inputs, None, 1, 1, profile)
         eager_step, _, _, _ = time_steps(model, inputs, None, 3, 2)
         row["eager_parts_ms"] = part_times(model, inputs, tower_trained)
         row["eager_parts_ms"]["rest: embedding, head + loss, optimizer"] = (
@@ -340,7 +347,7 @@ def main():
             try:
                 row, objects = start_variant(name, s, resolution, trained, device,
                                              b["llava" if "llava" in name else "nanovision"], b["images"], args.steps,
-                                             args.warmup, sum(other["resident_gib"] for other, _, _ in live))
+                                             args.warmup, args.profile, held_by_others(live))
                 live.append((row, objects, trained))
             except Exception as error:  # noqa: BLE001  one variant that breaks is reported; the others still run
                 row = dict(variant=name, resolution=resolution, tower="trained" if trained else "frozen",
@@ -360,8 +367,7 @@ def main():
         for round_index in range(1, args.rounds):
             for row, (_, runner, inputs), _ in live:
                 seconds, peak_gib, loss, _ = time_steps(runner, inputs, None, args.steps, args.warmup)
-                others_gib = sum(other["resident_gib"] for other, _, _ in live if other is not row)
-                add_round(row, seconds, peak_gib - others_gib, loss)
+                add_round(row, seconds, peak_gib - held_by_others(live, row), loss)
             add_ratios(results)
             write()
             print(f"round {round_index + 1}: " + "; ".join(
