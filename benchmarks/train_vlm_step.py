@@ -25,6 +25,7 @@ from train_step import cuda_ms, matmul_tflops, time_steps  # benchmarks/ is the 
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaConfig, SiglipVisionConfig
 
 import nanovision
+from nanovision.configuration_nanovision import FUSED_KERNEL_OPS
 from nanovision.kernels import describe_backends
 from nanovision.training.collator import PackedDataCollator
 
@@ -43,9 +44,10 @@ def tower_config(s, resolution):
     return SiglipVisionConfig(image_size=resolution, vision_use_head=False, **s["tower"])
 
 
-def nanovision_vlm(s, resolution, attn):
+def nanovision_vlm(s, resolution, attn, ops=True):
+    """ops: the config's use_fused_kernels (True: every op)."""
     text = nanovision.presets.text_config(depth=s["depth"], head_dim=s["head_dim"], vocab_size=s["vocab"],
-                                          max_position_embeddings=s["seq"], use_fused_kernels=True)
+                                          max_position_embeddings=s["seq"], use_fused_kernels=ops)
     config = nanovision.NanoVisionConfig(text_config=text, vision_config=tower_config(s, resolution),
                                          image_token_id=IMAGE_TOKEN_ID)
     return AutoModelForImageTextToText.from_config(config, attn_implementation=attn)
@@ -96,6 +98,10 @@ VARIANTS = {
     "nanovision fused + nanovision_varlen": (lambda s, r: nanovision_vlm(s, r, "nanovision_varlen"), False, True),
     "nanovision fused + nanovision_varlen + compile": (lambda s, r: nanovision_vlm(s, r, "nanovision_varlen"), True,
                                                        True),
+    # the ablation of the tower's fused LayerNorms (inductor's own LayerNorm kernels there instead)
+    "nanovision fused but layer_norm + nanovision_varlen + compile": (
+        lambda s, r: nanovision_vlm(s, r, "nanovision_varlen", [op for op in FUSED_KERNEL_OPS if op != "layer_norm"]),
+        True, True),
     "nanovision fused + flex_attention + compile": (lambda s, r: nanovision_vlm(s, r, "flex_attention"), True, False),
     "llava + liger + compile": (liger_llava, "try", False),
 }

@@ -14,7 +14,7 @@ from transformers import PreTrainedConfig, SiglipVisionConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils.type_validators import interval, positive_int_field
 
-FUSED_KERNEL_OPS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy")
+FUSED_KERNEL_OPS = ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "layer_norm")
 
 # Where the remote code of each config lives in a saved checkpoint. AutoModel must name the base model: vLLM's
 # Transformers backend builds it with AutoModel.from_config.
@@ -74,8 +74,9 @@ class NanoVisionTextConfig(PreTrainedConfig):
         initializer_range: std of the normal init of embeddings and projections.
         use_fused_kernels: False, True (all ops) or a list of ops from FUSED_KERNEL_OPS to run with nanovision's
             fused kernels (nanovision.kernels.apply_fused_kernels): "rms_norm" (the norms), "swiglu" (the MLP's
-            activation and down projection, swiglu or relu2), "rope" (the rotary embedding, q/k/v as one GEMM) and
-            "linear_cross_entropy" (the head and the training loss without logits).
+            activation and down projection, swiglu or relu2), "rope" (the rotary embedding, q/k/v as one GEMM),
+            "linear_cross_entropy" (the head and the training loss without logits) and "layer_norm" (the vision
+            tower's and connector's LayerNorms, each tower layer's second residual add inside its norm).
     """
 
     model_type = "nanovision_text"

@@ -531,7 +531,8 @@ def maybe_apply_fused_kernels(model: nn.Module, config: NanoVisionTextConfig) ->
     if apply_fused_kernels is None:
         logger.warning_once("use_fused_kernels is set but nanovision is not installed: running the eager ops.")
         return
-    apply_fused_kernels(model, ops=ops)
+    # use_fused_kernels=True: every op that applies (a text model has no LayerNorm); a list names each op it wants
+    apply_fused_kernels(model, ops=None if config.use_fused_kernels is True else ops)
 
 
 class NanoVisionForCausalLM(NanoVisionPreTrainedModel, GenerationMixin):

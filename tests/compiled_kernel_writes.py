@@ -39,6 +39,9 @@ CASES = {
     "rms_norm": (lambda x, w: rms_norm.rms_norm(x, w).sum(), lambda: (leaf(B, T, 64), leaf(64))),
     "rms_norm with residual": (lambda x, w, r: sum(t.sum() for t in rms_norm.rms_norm(x, w, 1e-6, r)),
                                lambda: (leaf(B, T, 64), leaf(64), leaf(B, T, 64))),
+    "layer_norm with residual": (
+        lambda x, w, b, r: sum(t.sum() for t in rms_norm.layer_norm(x, w, b, 1e-5, r)),
+        lambda: (leaf(B, T, 64), leaf(64), leaf(64), leaf(B, T, 64))),
     "swiglu": (lambda g, u: swiglu.swiglu(g, u).sum(), lambda: (leaf(B, T, 64), leaf(B, T, 64))),
     "relu2": (lambda x: swiglu.relu2(x).sum(), lambda: (leaf(B, T, 64),)),
     "swiglu_linear_packed": (lambda gu, w: swiglu.swiglu_linear_packed(gu, w).sum(),

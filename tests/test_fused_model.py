@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import randomize, tiny_text_config, tiny_vlm_config
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 pytest.importorskip("triton")
 from nanovision.kernels import apply_fused_kernels, kernel_backends  # noqa: E402
+from nanovision.kernels.layers import FusedSiglipEncoderLayer  # noqa: E402
 
 BLOCKS = {
     "llama": dict(),
@@ -73,16 +75,65 @@ def test_apply_fused_kernels_to_an_existing_model_keeps_weights(tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, patched(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_vlm_matches_eager():
+def vlm_pair():
     torch.manual_seed(0)
     eager = randomize(AutoModelForImageTextToText.from_config(tiny_vlm_config()), std=0.1).train()
     fused = AutoModelForImageTextToText.from_config(tiny_vlm_config(text=tiny_text_config(use_fused_kernels=True)))
     fused.load_state_dict(eager.state_dict())
-    fused.train()
-    ids = torch.tensor([[0, 7, 6, 6, 6, 6, 8, 20, 21, 22, 23]])
-    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    expected, actual = eager(ids, pixel_values=pixels, labels=ids), fused(ids, pixel_values=pixels, labels=ids)
+    return eager, fused.train()
+
+
+def encoder_layers(tower):
+    return [m for m in tower.modules() if isinstance(m, SiglipEncoderLayer)]
+
+
+VLM_IDS = torch.tensor([[0, 7, 6, 6, 6, 6, 8, 20, 21, 22, 23]])
+
+
+def vlm_pixels():
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+def test_fused_vlm_matches_eager():
+    """Every op, the vision tower's LayerNorms and its layers' fused residual adds included: the loss and every
+    parameter's gradient."""
+    eager, fused = vlm_pair()
+    assert fused.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "layer_norm")
+    tower_layers = encoder_layers(fused.model.vision_tower)
+    assert tower_layers and all(isinstance(layer, FusedSiglipEncoderLayer) for layer in tower_layers)
+    assert tower_layers[0].layer_norm1.autocast_output and tower_layers[0].layer_norm2.autocast_output
+    assert "LayerNorm" not in {type(m).__name__ for m in fused.modules()}
+    expected = eager(VLM_IDS, pixel_values=vlm_pixels(), labels=VLM_IDS)
+    actual = fused(VLM_IDS, pixel_values=vlm_pixels(), labels=VLM_IDS)
     torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)
+    expected.loss.backward()
+    actual.loss.backward()
+    eager_params = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, eager_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_vision_tower_records_hidden_states_and_autocasts_like_torch():
+    """The fused tower layers still count as SiglipEncoderLayer for transformers' output recording; under bf16
+    autocast the stream stays fp32, the norms feeding projections write bf16, and the loss matches the eager
+    model's."""
+    eager, fused = vlm_pair()
+    tower, eager_tower = fused.model.vision_tower, eager.model.vision_tower
+    with torch.no_grad():
+        got = tower(vlm_pixels(), output_hidden_states=True).hidden_states
+        want = eager_tower(vlm_pixels(), output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == len(encoder_layers(tower)) + 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    dtypes = []
+    layer = encoder_layers(tower)[0]
+    layer.layer_norm1.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    layer.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = eager(VLM_IDS, pixel_values=vlm_pixels(), labels=VLM_IDS).loss
+        actual = fused(VLM_IDS, pixel_values=vlm_pixels(), labels=VLM_IDS).loss
+    assert dtypes == [torch.bfloat16, torch.float32]
+    torch.testing.assert_close(actual, expected, atol=2e-2, rtol=2e-2)
 
 
 def test_torch_compile_still_works_with_fused_kernels():

@@ -29,13 +29,13 @@ def test_backend_selection():
     from nanovision.configuration_nanovision import FUSED_KERNEL_OPS
 
     assert K.OPS == FUSED_KERNEL_OPS + ("varlen_attention",)
-    assert K.OPS == ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "varlen_attention")
+    assert K.OPS == ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "layer_norm", "varlen_attention")
     dispatch.reset_backends()
     backends = K.kernel_backends()
     assert tuple(backends) == K.OPS
     assert all(b == "triton" for b in backends.values())
     assert K.describe_backends() == ("nanovision kernels: rms_norm=triton swiglu=triton rope=triton "
-                                     "linear_cross_entropy=triton varlen_attention=triton")
+                                     "linear_cross_entropy=triton layer_norm=triton varlen_attention=triton")
 
 
 def test_backends_are_chosen_outside_compiled_regions():
@@ -52,9 +52,10 @@ def test_backends_are_chosen_outside_compiled_regions():
 # per case, in launch order (forward graph, then backward): each kernel and the arguments it writes, which are the
 # buffers it fills and nothing it only reads
 COMPILED_KERNEL_WRITES = {
-    "rms_norm": [("_rms_norm_fwd_kernel", ["RSTD", "Y"]), ("_rms_norm_bwd_kernel", ["DW_PART", "DX"])],
-    "rms_norm with residual": [("_rms_norm_fwd_kernel", ["RSTD", "S", "Y"]),
-                               ("_rms_norm_bwd_kernel", ["DW_PART", "DX"])],
+    "rms_norm": [("_norm_fwd_kernel", ["RSTD", "Y"]), ("_norm_bwd_kernel", ["DW_PART", "DX"])],
+    "rms_norm with residual": [("_norm_fwd_kernel", ["RSTD", "S", "Y"]), ("_norm_bwd_kernel", ["DW_PART", "DX"])],
+    "layer_norm with residual": [("_norm_fwd_kernel", ["RSTD", "S", "Y"]),
+                                 ("_norm_bwd_kernel", ["DB_PART", "DW_PART", "DX"])],
     "swiglu": [("_swiglu_fwd_kernel", ["Y"]), ("_swiglu_bwd_kernel", ["DG", "DU"])],
     "relu2": [("_relu2_fwd_kernel", ["Y"]), ("_relu2_bwd_kernel", ["DX"])],
     "swiglu_linear_packed": [("_swiglu_fwd_kernel", ["Y"]), ("_swiglu_bwd_kernel", ["DG", "Y"])],

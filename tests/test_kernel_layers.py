@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BF16, DEVICE, F32, assert_close, leaf, rand, rotary_angles, seed_case
+from conftest import BF16, DEVICE, F32, assert_close, leaf, rand, record_launches, rotary_angles, seed_case
 from torch import nn
 
 pytest.importorskip("triton")
 import nanovision.kernels as K  # noqa: E402
 from nanovision.kernels import dispatch  # noqa: E402
 from nanovision.kernels import layers as L  # noqa: E402
+from nanovision.kernels.ops import rms_norm as rms_norm_ops  # noqa: E402
 from nanovision.kernels.ops.rope import apply_rotary_reference  # noqa: E402
 from nanovision.modeling_nanovision import NanoVisionZeroInitLinear  # noqa: E402
 
@@ -317,6 +318,46 @@ def test_fused_rms_norm_autocast_output_keeps_no_fp32_activation(with_residual):
     assert saved_bytes(step) == new
     fp16 = saved_bytes(step, torch.float16)
     assert fp16.count(4 * act) == 1 and sum(fp16) - sum(new) == 4 * act, (fp16, new)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_layer_norm_runs_the_kernels_in_compiled_graphs_only(monkeypatch, with_residual):
+    """nn.LayerNorm's numbers either way (under bf16 autocast: fp32 out, or bf16 with autocast_output); eagerly
+    through aten's layer_norm, compiled through the Triton kernels (forward and backward)."""
+    seed_case("ln_module", with_residual)
+    torch_norm = nn.LayerNorm(64, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        torch_norm.weight.copy_(rand(64, scale=0.3, offset=1.0))
+        torch_norm.bias.copy_(rand(64))
+    launches = record_launches(monkeypatch, rms_norm_ops)
+    x, r, gy = rand(2, 5, 64, offset=2.0), rand(2, 5, 64), rand(2, 5, 64)
+    for autocast_output in (False, True):
+        norm = K.FusedLayerNorm.from_module(torch_norm, autocast_output=autocast_output)
+        assert norm.weight is torch_norm.weight and norm.bias is torch_norm.bias and norm.eps == 1e-6
+
+        def run(module, fused):
+            inputs = [leaf(t) for t in ((x, r) if with_residual else (x,))]
+            if fused:
+                with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+                    out = module(*inputs)
+            else:  # what CUDA autocast does: layer_norm in fp32, then a projection casting its output
+                out = torch_norm(inputs[0] + inputs[1] if with_residual else inputs[0])
+                out = out.to(torch.bfloat16) if autocast_output else out
+            y = out[0] if with_residual and fused else out
+            grads = torch.autograd.grad((y.float() * gy).sum(), [*inputs, torch_norm.weight, torch_norm.bias])
+            return y, grads
+
+        want, want_grads = run(None, fused=False)
+        for compiled in (False, True):
+            del launches[:]
+            torch._dynamo.reset()
+            got, got_grads = run(torch.compile(norm) if compiled else norm, fused=True)
+            assert len(launches) == (2 if compiled else 0), (compiled, len(launches))
+            assert got.dtype == (BF16 if autocast_output else F32)
+            # the CPU interpreter rounds bf16 stores toward zero: one ulp there
+            torch.testing.assert_close(got, want, rtol=2**-7 if autocast_output else 1e-5, atol=1e-5)
+            for g, e in zip(got_grads, want_grads):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 def _mlp_pair(mlp_type, bias, case="mlp_pair"):

@@ -1,5 +1,5 @@
-"""The RMSNorm kernels (nanovision/kernels/ops/rms_norm.py) against float64 references (conftest: the device and
-the tolerances)."""
+"""The RMSNorm and LayerNorm kernels (nanovision/kernels/ops/rms_norm.py) against float64 references (conftest: the
+device and the tolerances)."""
 
 import pytest
 import torch
@@ -20,7 +20,12 @@ from conftest import (
 
 pytest.importorskip("triton")
 from nanovision.kernels.ops import rms_norm as rms_norm_ops  # noqa: E402
-from nanovision.kernels.ops.rms_norm import rms_norm as tri_rms_norm, rms_norm_reference  # noqa: E402
+from nanovision.kernels.ops.rms_norm import (  # noqa: E402
+    layer_norm as tri_layer_norm,
+    layer_norm_reference,
+    rms_norm as tri_rms_norm,
+    rms_norm_reference,
+)
 
 
 # --------------------------------------------------------------------------- #
@@ -203,3 +208,101 @@ def test_rms_norm_backward_passes_each_tensor_once(monkeypatch, with_weight):
     forward, backward = launches
     pointers = tensor_pointers(backward)
     assert len(set(pointers)) == len(pointers)
+
+
+# --------------------------------------------------------------------------- #
+# LayerNorm
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("shape", RMS_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("params", ["weight and bias", "weight", "none"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm(poison, shape, dtype, params, with_residual):
+    seed_case("ln", shape, dtype, params, with_residual)
+    _check_layer_norm(shape, dtype, params, with_residual)
+
+
+@pytest.mark.parametrize("out_dtype", [BF16, F16])
+def test_layer_norm_narrow_output_of_a_wide_stream(poison, out_dtype):
+    """fp32 stream and parameters, bf16 / fp16 output (autocast_output): the fp32 result rounded once, and the
+    gradients of the fp32 inputs (the backward keeps the fp32 input)."""
+    seed_case("ln_narrow", out_dtype)
+    _check_layer_norm((33, 320), F32, "weight and bias", True, out_dtype)
+
+
+def _check_layer_norm(shape, dtype, params, with_residual, out_dtype=None):
+    hidden = shape[-1]
+    # a large mean: a kernel that skipped the centring, or centred in low precision, would be far off
+    x = leaf(rand(*shape, dtype=dtype, scale=2.0, offset=3.0))
+    w = leaf(rand(hidden, dtype=dtype, scale=0.3, offset=1.0)) if params != "none" else None
+    b = leaf(rand(hidden, dtype=dtype, scale=0.5)) if params == "weight and bias" else None
+    r = leaf(rand(*shape, dtype=dtype)) if with_residual else None
+
+    out = tri_layer_norm(x, w, b, 1e-5, r, out_dtype)
+    x64, w64, b64, r64 = (f64(t) if t is not None else None for t in (x, w, b, r))
+    ref = layer_norm_reference(x64, w64, b64, 1e-5, r64)
+    if with_residual:
+        (y, s), (y_ref, s_ref) = out, ref
+        assert s.dtype == dtype
+        assert_close(s, s_ref, dtype, "sum")
+    else:
+        y, y_ref = out, ref
+    y_dtype = out_dtype or dtype
+    assert y.dtype == y_dtype and y.shape == x.shape
+    assert_close(y, y_ref, y_dtype, "y")
+
+    gy = rand(*shape, dtype=y_dtype)
+    loss, loss_ref = (y * gy).sum(), (y_ref * gy.double()).sum()
+    if with_residual:
+        gs = rand(*shape, dtype=dtype)
+        loss, loss_ref = loss + (s * gs).sum(), loss_ref + (s_ref * gs.double()).sum()
+    names = [n for n, t in zip(("dx", "dw", "db", "dr"), (x, w, b, r)) if t is not None]
+    grads = torch.autograd.grad(loss, [t for t in (x, w, b, r) if t is not None])
+    grads_ref = torch.autograd.grad(loss_ref, [t for t in (x64, w64, b64, r64) if t is not None])
+    for name, g, gr in zip(names, grads, grads_ref):
+        assert g.dtype == dtype
+        assert_close(g, gr, dtype, name)
+
+
+def test_layer_norm_matches_torch_and_many_rows(poison):
+    """fp32 against torch's own layer_norm, with more rows than one backward program covers (the partial dW / dB
+    sums)."""
+    seed_case("ln_many")
+    x, w, b = leaf(rand(300, 96, offset=1.0)), leaf(rand(96, scale=0.3, offset=1.0)), leaf(rand(96))
+    y = tri_layer_norm(x, w, b, 1e-6)
+    x2, w2, b2 = leaf(x), leaf(w), leaf(b)
+    y_ref = torch.nn.functional.layer_norm(x2, (96,), w2, b2, 1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    gy = rand(300, 96)
+    g = torch.autograd.grad((y * gy).sum(), (x, w, b))
+    gr = torch.autograd.grad((y_ref * gy).sum(), (x2, w2, b2))
+    for a, e in zip(g, gr):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_non_contiguous(poison):
+    seed_case("ln_nc")
+    x, r = rand(100, 9, offset=1.0).t(), rand(100, 9).t()
+    x, r = x.detach().requires_grad_(True), r.detach().requires_grad_(True)
+    w, b = leaf(rand(100, scale=0.3, offset=1.0)), leaf(rand(100))
+    y, s = tri_layer_norm(x, w, b, 1e-5, r)
+    x64, w64, b64, r64 = f64(x), f64(w), f64(b), f64(r)
+    y_ref, s_ref = layer_norm_reference(x64, w64, b64, 1e-5, r64)
+    assert_close(y, y_ref, F32, "y")
+    gy = rand(100, 9).t()
+    g = torch.autograd.grad((y * gy).sum() + s.sum(), (x, w, b, r))
+    gr = torch.autograd.grad((y_ref * gy.double()).sum() + s_ref.sum(), (x64, w64, b64, r64))
+    for name, a, e in zip(("dx", "dw", "db", "dr"), g, gr):
+        assert_close(a, e, F32, name)
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("param", ["weight", "bias"])
+def test_norm_parameters_of_another_length_are_refused(norm, param):
+    """The kernels read one parameter entry per column: a parameter of another shape would be read out of bounds."""
+    if norm == "rms_norm" and param == "bias":
+        pytest.skip("RMSNorm has no bias")
+    x = rand(4, 64)
+    kwargs = {param: rand(32)}
+    with pytest.raises(ValueError, match=f"{norm}: {param} must have shape \\(64,\\)"):
+        tri_rms_norm(x, eps=1e-6, **kwargs) if norm == "rms_norm" else tri_layer_norm(x, eps=1e-5, **kwargs)

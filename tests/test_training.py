@@ -88,7 +88,8 @@ def test_vision_stage_honours_use_fused_kernels_with_either_tower(pipeline, tmp_
     for vision_model in (None, str(tmp_path / "siglip")):
         model = build_model(stage(tmp_path, "vision", model=str(base), vision_model=vision_model,
                                   use_fused_kernels=True)[0], tokenizer)
-        assert model.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy"), vision_model
+        assert model.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "layer_norm"), \
+            vision_model
         assert model.config.text_config.use_fused_kernels is True
 
 

@@ -14,6 +14,7 @@ from .dispatch import (
     describe_backends,
     fused_linear_cross_entropy,
     kernel_backends,
+    layer_norm,
     relu2,
     relu2_linear,
     reset_backends,
@@ -23,7 +24,7 @@ from .dispatch import (
     swiglu_linear_packed,
     varlen_attention,
 )
-from .layers import FusedMLP, FusedRMSNorm, apply_fused_kernels
+from .layers import FusedLayerNorm, FusedMLP, FusedRMSNorm, apply_fused_kernels
 
 __all__ = [
     "OPS",
@@ -31,6 +32,7 @@ __all__ = [
     "describe_backends",
     "reset_backends",
     "rms_norm",
+    "layer_norm",
     "swiglu",
     "relu2",
     "swiglu_linear",
@@ -45,5 +47,6 @@ __all__ = [
     "VARLEN_ATTENTION",
     "apply_fused_kernels",
     "FusedRMSNorm",
+    "FusedLayerNorm",
     "FusedMLP",
 ]

@@ -162,6 +162,7 @@ def _dispatch(op: str, triton_fn: Callable, reference: Callable, *, compile_refe
 
 # The activation + down projection functions belong to the "swiglu" op: FusedMLP is what applies either activation.
 rms_norm = _dispatch("rms_norm", rms_norm_ops.rms_norm, rms_norm_ops.rms_norm_reference)
+layer_norm = _dispatch("layer_norm", rms_norm_ops.layer_norm, rms_norm_ops.layer_norm_reference)
 swiglu = _dispatch("swiglu", swiglu_ops.swiglu, swiglu_ops.swiglu_reference)
 relu2 = _dispatch("swiglu", swiglu_ops.relu2, swiglu_ops.relu2_reference)
 swiglu_linear = _dispatch("swiglu", swiglu_ops.swiglu_linear, swiglu_ops.swiglu_linear_reference)

@@ -1,12 +1,15 @@
-"""RMSNorm: Triton kernels, autograd Function and plain-torch reference.
+"""RMSNorm and LayerNorm: Triton kernels, autograd and plain-torch references.
 
-Eager semantics (the model's definition), with s = x (+ residual):
+RMSNorm, eager semantics (the model's definition), with s = x (+ residual):
 
     y = (s.float() * rsqrt(mean(s.float() ** 2, -1) + eps)).to(s.dtype)
     y = y * weight            # only when weight is not None, in the input dtype
 
 The kernels reproduce the double rounding exactly (normalise in fp32, round to
 the input dtype, multiply by the weight, round again) and accumulate in fp32.
+
+LayerNorm is the same kernels with the row's mean subtracted first and a bias, computed in fp32 and rounded once, as
+torch's layer_norm: y = (s - mean(s)) * rsqrt(var(s) + eps) * weight + bias (the vision tower's norms).
 """
 
 from typing import Optional, Tuple, Union
@@ -44,6 +47,24 @@ def rms_norm_reference(
     return y if residual is None else (y, s)
 
 
+def layer_norm_reference(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    s = x if residual is None else x + residual
+    compute_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    y_dtype = s.dtype if weight is None else torch.promote_types(s.dtype, weight.dtype)
+    y = torch.nn.functional.layer_norm(
+        s.to(compute_dtype), s.shape[-1:], None if weight is None else weight.to(compute_dtype),
+        None if bias is None else bias.to(compute_dtype), eps,
+    ).to(out_dtype or y_dtype)
+    return y if residual is None else (y, s)
+
+
 # --------------------------------------------------------------------------- #
 # Kernels
 # --------------------------------------------------------------------------- #
@@ -59,22 +80,25 @@ if HAS_TRITON:
     _WEIGHT_FLOOR = tl.constexpr(WEIGHT_FLOOR)
 
     @triton.jit
-    def _rms_norm_fwd_kernel(
+    def _norm_fwd_kernel(
         X, stride_x,
         R, stride_r,
         S, stride_s,
-        W,
+        W, B,
         Y, stride_y,
         RSTD,
         n_rows, n_cols, eps,
         HAS_RESIDUAL: tl.constexpr,
         HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        CENTER: tl.constexpr,
         FLOOR_WEIGHT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         # one program normalises BLOCK_M rows; BLOCK_N >= n_cols covers a whole row
         # FLOOR_WEIGHT: weights below WEIGHT_FLOOR in magnitude count as WEIGHT_FLOOR (see there)
+        # CENTER: LayerNorm (the mean subtracted, one rounding at the end; HAS_BIAS only here), else RMSNorm
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -93,35 +117,44 @@ if HAS_TRITON:
         else:
             sf = x.to(tl.float32)
 
+        if CENTER:
+            mean = tl.sum(sf, axis=1) / n_cols
+            sf = tl.where(mask, sf - mean[:, None], 0.0)
         mean_sq = tl.sum(sf * sf, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(mean_sq + eps)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
-        y = (sf * rstd[:, None]).to(S.dtype.element_ty)
+        y = sf * rstd[:, None]
+        if not CENTER:
+            y = y.to(S.dtype.element_ty)
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
             if FLOOR_WEIGHT:
                 w = tl.where(tl.abs(w) < _WEIGHT_FLOOR, _WEIGHT_FLOOR, w)
             y = y.to(tl.float32) * w
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(
+    def _norm_bwd_kernel(
         DY, stride_dy,
         S, stride_s,
         DSO, stride_dso,
         W,
         RSTD,
         DX, stride_dx,
-        DW_PART,
+        DW_PART, DB_PART,
         n_rows, n_cols, rows_per_prog,
         HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        CENTER: tl.constexpr,
         HAS_DS_OUT: tl.constexpr,
         FROM_OUTPUT: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         # each program walks `rows_per_prog` consecutive rows (one row per step) and
-        # writes one fp32 partial sum of the weight gradient; the host sums the partials.
+        # writes one fp32 partial sum of the weight (and bias) gradient; the host sums the partials.
         # S: the norm's input s, or with FROM_OUTPUT its output y = n * w (n = s * rstd), stored in a dtype
         # narrower than s's, so n is y / w to y's precision (w floored as the forward floored it)
         pid = tl.program_id(0).to(tl.int64)
@@ -134,6 +167,7 @@ if HAS_TRITON:
             if FROM_OUTPUT:
                 w = tl.where(tl.abs(w) < _WEIGHT_FLOOR, _WEIGHT_FLOOR, w)
         dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
         for row in range(row_start, row_end):
             s = tl.load(S + row * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
@@ -145,6 +179,10 @@ if HAS_TRITON:
                 if HAS_WEIGHT:
                     n = s / w
                 n_rounded = n  # s is wider than y (fp32 under autocast): rounding n to it changes nothing
+            elif CENTER:
+                # the mean is recomputed from the row already loaded rather than kept from the forward
+                n = tl.where(mask, s - tl.sum(s, axis=0) / n_cols, 0.0) * rstd
+                n_rounded = n  # LayerNorm rounds only its output
             else:
                 n = s * rstd
                 n_rounded = n.to(S.dtype.element_ty).to(tl.float32)
@@ -154,14 +192,21 @@ if HAS_TRITON:
                 dn = dy * w
             else:
                 dn = dy
+            if HAS_BIAS:
+                db_acc += dy
             c = tl.sum(dn * n, axis=0) / n_cols
-            ds = (dn - n * c) * rstd
+            if CENTER:
+                ds = (dn - n * c - tl.sum(dn, axis=0) / n_cols) * rstd
+            else:
+                ds = (dn - n * c) * rstd
             if HAS_DS_OUT:
                 ds += tl.load(DSO + row * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * stride_dx + cols, ds.to(DX.dtype.element_ty), mask=mask)
 
         if HAS_WEIGHT:
             tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=mask)
+        if HAS_BIAS:
+            tl.store(DB_PART + pid * n_cols + cols, db_acc, mask=mask)
 
 
 # --------------------------------------------------------------------------- #
@@ -223,17 +268,20 @@ def _bwd_config(n_cols: int):
 if HAS_TRITON:
     # The kernels run as torch.library ops: torch.compile traces through them (no graph break), fuses the elementwise
     # ops around them and launches them from its generated code; an eager call runs the same function.
-    @triton_op("nanovision::rms_norm", mutates_args=())
-    def _rms_norm_op(
+    @triton_op("nanovision::norm", mutates_args=())
+    def _norm_op(
         x: torch.Tensor,
         weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
         residual: Optional[torch.Tensor],
         eps: float,
         out_dtype: Optional[torch.dtype],
         keep_output: bool,
+        center: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y, s, rstd) with s = x + residual (empty without a residual: an op's output may not alias its input).
-        keep_output: the backward keeps y instead of s (read by the autograd context), so the weight is floored."""
+        center: LayerNorm, else RMSNorm (no bias). keep_output: the backward keeps y instead of s (read by the
+        autograd context), so the weight is floored (RMSNorm only)."""
         n_cols = x.shape[-1]
         x2 = _as_rows(x, n_cols)
         n_rows = x2.shape[0]
@@ -249,16 +297,19 @@ if HAS_TRITON:
         rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
         if n_rows > 0:
             block_m, block_n, num_warps = _fwd_config(n_cols)
-            wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
+            wrap_triton(_norm_fwd_kernel)[(triton.cdiv(n_rows, block_m),)](
                 x2, x2.stride(0),
                 r2, r2.stride(0),
                 s2, s2.stride(0),
                 weight.contiguous() if weight is not None else unused_pointer(x2),
+                bias.contiguous() if bias is not None else unused_pointer(x2),
                 y2, y2.stride(0),
                 rstd,
                 n_rows, n_cols, eps,
                 HAS_RESIDUAL=residual is not None,
                 HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None,
+                CENTER=center,
                 FLOOR_WEIGHT=keep_output,
                 BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=num_warps,
@@ -266,8 +317,8 @@ if HAS_TRITON:
         return y2.view(x.shape), (s2.view(x.shape) if residual is not None else x.new_empty(0)), rstd
 
 
-    @triton_op("nanovision::rms_norm_backward", mutates_args=())
-    def _rms_norm_backward_op(
+    @triton_op("nanovision::norm_backward", mutates_args=())
+    def _norm_backward_op(
         dy: torch.Tensor,
         saved: torch.Tensor,
         ds_out: Optional[torch.Tensor],
@@ -275,9 +326,11 @@ if HAS_TRITON:
         rstd: torch.Tensor,
         s_dtype: torch.dtype,
         from_output: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(ds [rows, cols], dw; empty without a weight); saved: the norm's input s, or with from_output its output
-        y."""
+        center: bool,
+        has_bias: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ds [rows, cols], dw, db; each empty without its parameter); saved: the norm's input s, or with
+        from_output its output y."""
         n_cols = saved.shape[-1]
         s2 = _as_rows(saved, n_cols)
         n_rows = s2.shape[0]
@@ -286,22 +339,29 @@ if HAS_TRITON:
         dso2 = _as_rows(ds_out, n_cols) if ds_out is not None else unused_pointer(dy2).view(1, 1)
         ds = torch.empty((n_rows, n_cols), dtype=s_dtype, device=device)
         dw = dy.new_empty(0) if weight is None else torch.zeros_like(weight)
+        db = dy.new_zeros(n_cols, dtype=torch.float32) if has_bias else dy.new_empty(0)
         if n_rows > 0:
             block_n, num_warps, progs_per_sm = _bwd_config(n_cols)
             rows_per_prog = triton.cdiv(n_rows, min(n_rows, _sm_count(device) * progs_per_sm))
             n_prog = triton.cdiv(n_rows, rows_per_prog)
-            dw_part = (torch.empty((n_prog, n_cols), dtype=torch.float32, device=device) if weight is not None
-                       else unused_pointer(rstd))
-            wrap_triton(_rms_norm_bwd_kernel)[(n_prog,)](
+
+            def partials(wanted):
+                return (torch.empty((n_prog, n_cols), dtype=torch.float32, device=device) if wanted
+                        else unused_pointer(rstd))
+
+            dw_part, db_part = partials(weight is not None), partials(has_bias)
+            wrap_triton(_norm_bwd_kernel)[(n_prog,)](
                 dy2, dy2.stride(0),
                 s2, s2.stride(0),
                 dso2, dso2.stride(0),
                 weight.contiguous() if weight is not None else unused_pointer(s2),
                 rstd,
                 ds, ds.stride(0),
-                dw_part,
+                dw_part, db_part,
                 n_rows, n_cols, rows_per_prog,
                 HAS_WEIGHT=weight is not None,
+                HAS_BIAS=has_bias,
+                CENTER=center,
                 HAS_DS_OUT=ds_out is not None,
                 FROM_OUTPUT=from_output,
                 BLOCK_N=block_n,
@@ -309,16 +369,19 @@ if HAS_TRITON:
             )
             if weight is not None:
                 dw = dw_part.sum(0).to(weight.dtype)
-        return ds, dw
+            if has_bias:
+                db = db_part.sum(0)
+        return ds, dw, db
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, _, _, keep_output = inputs
+    x, weight, bias, residual, _, _, keep_output, center = inputs
     y, s, rstd = output
     # An output narrower than s (autocast_output: bf16 y for the projections, which keep that same tensor for their
     # weight gradients) is kept instead of s: the backward rebuilds n from it, to the projections' precision.
     ctx.save_for_backward(y if keep_output else (s if residual is not None else x), weight, rstd)
-    ctx.keep_output = keep_output
+    ctx.keep_output, ctx.center = keep_output, center
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.s_dtype = s.dtype if residual is not None else x.dtype
     ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
     ctx.r_dtype, ctx.r_shape = (residual.dtype, residual.shape) if residual is not None else (None, None)
@@ -326,20 +389,30 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, ds_out, _):
     saved, weight, rstd = ctx.saved_tensors
-    has_residual = ctx.r_shape is not None
-    ds, dw = _rms_norm_backward_op(dy, saved, ds_out if has_residual else None, weight, rstd, ctx.s_dtype,
-                                   ctx.keep_output)
+    has_residual, has_bias = ctx.r_shape is not None, ctx.bias_dtype is not None
+    ds, dw, db = _norm_backward_op(dy, saved, ds_out if has_residual else None, weight, rstd, ctx.s_dtype,
+                                   ctx.keep_output, ctx.center, has_bias)
     ds = ds.view(ctx.x_shape)
     dres = None
     if has_residual:
         dres = ds.to(ctx.r_dtype)
         if ctx.r_shape != ctx.x_shape:  # broadcast residual
             dres = dres.sum_to_size(ctx.r_shape)
-    return ds.to(ctx.x_dtype), dw if weight is not None else None, dres, None, None, None
+    return (ds.to(ctx.x_dtype), dw if weight is not None else None, db.to(ctx.bias_dtype) if has_bias else None,
+            dres, None, None, None, None)
 
 
 if HAS_TRITON:
-    _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+    _norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_parameters(op: str, x: torch.Tensor, **parameters: Optional[torch.Tensor]) -> None:
+    """The kernels read one weight / bias entry per column: anything but a vector of the row's length would be read
+    out of bounds."""
+    for name, p in parameters.items():
+        if p is not None and tuple(p.shape) != (x.shape[-1],):
+            raise ValueError(f"{op}: {name} must have shape ({x.shape[-1]},) for rows of {x.shape[-1]}; got "
+                             f"{tuple(p.shape)}")
 
 
 def rms_norm(
@@ -354,7 +427,24 @@ def rms_norm(
 
     An output narrower than s but with its exponent range (bf16 from fp32) is kept for the backward instead of s, and
     the weight floored at WEIGHT_FLOOR for it."""
+    _check_parameters("rms_norm", x, weight=weight)
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     keep_output = out_dtype is not None and _narrower_same_range(out_dtype, s_dtype)
-    y, s, _ = _rms_norm_op(x, weight, residual, float(eps), out_dtype, keep_output)
+    y, s, _ = _norm_op(x, weight, None, residual, float(eps), out_dtype, keep_output, False)
+    return y if residual is None else (y, s)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Triton LayerNorm over the last dim (computed in fp32, rounded once). With `residual`, returns
+    (norm(x + residual), x + residual). `out_dtype`: write the normalised output in this dtype instead of the inputs'
+    dtype. The backward keeps s (the norm's input)."""
+    _check_parameters("layer_norm", x, weight=weight, bias=bias)
+    y, s, _ = _norm_op(x, weight, bias, residual, float(eps), out_dtype, False, True)
     return y if residual is None else (y, s)
