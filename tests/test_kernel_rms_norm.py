@@ -58,11 +58,18 @@ def _check_rms_norm(shape, dtype, with_weight, with_residual, out_dtype=None, gr
     x = leaf(rand(*shape, dtype=dtype, scale=2.0, offset=0.5))
     w = leaf(rand(hidden, dtype=dtype, scale=0.3, offset=1.0)) if with_weight else None
     r = leaf(rand(*shape, dtype=dtype)) if with_residual else None
+    _check_norm(lambda x, w, r: tri_rms_norm(x, w, 1e-6, r, out_dtype),
+                lambda x, w, r: rms_norm_reference(x, w, 1e-6, r), dict(x=x, w=w, r=r), out_dtype, grad_tol)
 
-    out = tri_rms_norm(x, w, 1e-6, r, out_dtype)
-    x64, w64, r64 = f64(x), (f64(w) if w is not None else None), (f64(r) if r is not None else None)
-    ref = rms_norm_reference(x64, w64, 1e-6, r64)
 
+def _check_norm(norm, reference, inputs, out_dtype=None, grad_tol=None):
+    """norm(**inputs) against reference(**the float64 inputs): the output (and with a residual `r`, the sum), then
+    the gradients of every input given (names: their keys) for random output / sum gradients."""
+    x, with_residual = inputs["x"], inputs["r"] is not None
+    dtype = x.dtype
+    out = norm(**inputs)
+    inputs64 = {name: f64(t) if t is not None else None for name, t in inputs.items()}
+    ref = reference(**inputs64)
     if with_residual:
         (y, s), (y_ref, s_ref) = out, ref
         assert s.dtype == dtype
@@ -73,18 +80,17 @@ def _check_rms_norm(shape, dtype, with_weight, with_residual, out_dtype=None, gr
     assert y.dtype == y_dtype and y.shape == x.shape
     assert_close(y, y_ref, y_dtype, "y")
 
-    gy = rand(*shape, dtype=y_dtype)
+    gy = rand(*x.shape, dtype=y_dtype)
     loss, loss_ref = (y * gy).sum(), (y_ref * gy.double()).sum()
     if with_residual:
-        gs = rand(*shape, dtype=dtype)
+        gs = rand(*x.shape, dtype=dtype)
         loss, loss_ref = loss + (s * gs).sum(), loss_ref + (s_ref * gs.double()).sum()
-    inputs = [t for t in (x, w, r) if t is not None]
-    inputs64 = [t for t in (x64, w64, r64) if t is not None]
-    grads = torch.autograd.grad(loss, inputs)
-    grads_ref = torch.autograd.grad(loss_ref, inputs64)
-    for name, g, gr in zip(("dx", "dw", "dr") if with_weight else ("dx", "dr"), grads, grads_ref):
+    names = [name for name, t in inputs.items() if t is not None]
+    grads = torch.autograd.grad(loss, [inputs[name] for name in names])
+    grads_ref = torch.autograd.grad(loss_ref, [inputs64[name] for name in names])
+    for name, g, gr in zip(names, grads, grads_ref):
         assert g.dtype == dtype
-        assert_close(g, gr, dtype, name, grad_tol)
+        assert_close(g, gr, dtype, f"d{name}", grad_tol)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
@@ -237,31 +243,8 @@ def _check_layer_norm(shape, dtype, params, with_residual, out_dtype=None):
     w = leaf(rand(hidden, dtype=dtype, scale=0.3, offset=1.0)) if params != "none" else None
     b = leaf(rand(hidden, dtype=dtype, scale=0.5)) if params == "weight and bias" else None
     r = leaf(rand(*shape, dtype=dtype)) if with_residual else None
-
-    out = tri_layer_norm(x, w, b, 1e-5, r, out_dtype)
-    x64, w64, b64, r64 = (f64(t) if t is not None else None for t in (x, w, b, r))
-    ref = layer_norm_reference(x64, w64, b64, 1e-5, r64)
-    if with_residual:
-        (y, s), (y_ref, s_ref) = out, ref
-        assert s.dtype == dtype
-        assert_close(s, s_ref, dtype, "sum")
-    else:
-        y, y_ref = out, ref
-    y_dtype = out_dtype or dtype
-    assert y.dtype == y_dtype and y.shape == x.shape
-    assert_close(y, y_ref, y_dtype, "y")
-
-    gy = rand(*shape, dtype=y_dtype)
-    loss, loss_ref = (y * gy).sum(), (y_ref * gy.double()).sum()
-    if with_residual:
-        gs = rand(*shape, dtype=dtype)
-        loss, loss_ref = loss + (s * gs).sum(), loss_ref + (s_ref * gs.double()).sum()
-    names = [n for n, t in zip(("dx", "dw", "db", "dr"), (x, w, b, r)) if t is not None]
-    grads = torch.autograd.grad(loss, [t for t in (x, w, b, r) if t is not None])
-    grads_ref = torch.autograd.grad(loss_ref, [t for t in (x64, w64, b64, r64) if t is not None])
-    for name, g, gr in zip(names, grads, grads_ref):
-        assert g.dtype == dtype
-        assert_close(g, gr, dtype, name)
+    _check_norm(lambda x, w, b, r: tri_layer_norm(x, w, b, 1e-5, r, out_dtype),
+                lambda x, w, b, r: layer_norm_reference(x, w, b, 1e-5, r), dict(x=x, w=w, b=b, r=r), out_dtype)
 
 
 def test_layer_norm_matches_torch_and_many_rows(poison):
