@@ -276,6 +276,19 @@ def test_apply_fused_kernels_subset_and_validation():
         K.apply_fused_kernels(model, ops=["rms_norm", "flash_attention"])
 
 
+def test_only_ops_named_explicitly_warn_when_they_match_nothing(caplog):
+    """ops=None (what use_fused_kernels=True asks for) applies what fits: a text model has no LayerNorm, and says
+    nothing of it; an op the caller names and the model lacks is warned about."""
+    with caplog.at_level(logging.WARNING, logger="nanovision"):
+        model = K.apply_fused_kernels(_model())
+    assert "layer_norm" not in model.fused_kernel_ops
+    assert not [r for r in caplog.records if "matched no module" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="nanovision"):
+        K.apply_fused_kernels(_model(), ops=["rms_norm", "layer_norm"])
+    assert [r.getMessage() for r in caplog.records if "matched no module" in r.getMessage()] == [
+        "nanovision: fused kernel op 'layer_norm' matched no module in NanoVisionForCausalLM"]
+
+
 def test_fused_modules_standalone():
     seed_case("modules")
     norm = NanoVisionRMSNorm(64).to(DEVICE)
