@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import nanovision
 from nanovision.kernels import describe_backends, document_bounds
+from nanovision.modeling_nanovision import NanoVisionDecoderLayer
 from nanovision.training.trainer import flops_per_token
 
 SHAPE = dict(layers=20, hidden=1280, heads=10, kv_heads=5, head_dim=128, ffn=3456, vocab=50304, seq=2048, batch=8)
@@ -51,6 +52,28 @@ def fp32_norm_outputs(model):
     for module in model.modules():
         if hasattr(module, "autocast_output"):
             module.autocast_output = False
+    return model
+
+
+class OwnInputNorm(torch.nn.Module):
+    """A pass-through wrapper around a decoder layer: the model hands a wrapped layer's input norm to no other layer
+    (as for an FSDP unit), so the layer norms its own input."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
+
+
+def layers_norm_own_input(model):
+    """The fused model as it was before each layer ran the next layer's input norm with its residual add (ablation):
+    every decoder layer wrapped."""
+    for module in list(model.modules()):
+        if isinstance(module, torch.nn.ModuleList) and all(isinstance(m, NanoVisionDecoderLayer) for m in module):
+            for index, layer in enumerate(module):
+                module[index] = OwnInputNorm(layer)
     return model
 
 
@@ -113,6 +136,8 @@ VARIANTS = {
                                                        dict(mode="max-autotune-no-cudagraphs")),
     "+ fused kernels + cuDNN + compile reduce-overhead": (lambda s: nanovision_model(s, "sdpa", "llama", True),
                                                           SDPBackend.CUDNN_ATTENTION, dict(mode="reduce-overhead")),
+    "+ fused kernels + cuDNN + compile, layers norm their own input": (
+        lambda s: layers_norm_own_input(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, True),
     "+ fused kernels + cuDNN + compile, gate/up as two GEMMs": (
         lambda s: gate_up_apart(nanovision_model(s, "sdpa", "llama", True)), SDPBackend.CUDNN_ATTENTION, True),
     "+ fused kernels + cuDNN + compile, rotary after the q/k/v split": (

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from train_step import cuda_ms, matmul_tflops, time_steps  # benchmarks/ is the script's directory
+from train_step import cuda_ms, layers_norm_own_input, matmul_tflops, time_steps  # benchmarks/ is the script's directory
 from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaConfig, SiglipVisionConfig
 
 import nanovision
@@ -102,6 +102,9 @@ VARIANTS = {
     "nanovision fused but layer_norm + nanovision_varlen + compile": (
         lambda s, r: nanovision_vlm(s, r, "nanovision_varlen", [op for op in FUSED_KERNEL_OPS if op != "layer_norm"]),
         True, True),
+    # the ablation of the layers running the next layer's input norm with their residual add
+    "nanovision fused + nanovision_varlen + compile, layers norm their own input": (
+        lambda s, r: layers_norm_own_input(nanovision_vlm(s, r, "nanovision_varlen")), True, True),
     "nanovision fused + flex_attention + compile": (lambda s, r: nanovision_vlm(s, r, "flex_attention"), True, False),
     "llava + liger + compile": (liger_llava, "try", False),
 }

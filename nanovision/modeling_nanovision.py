@@ -28,6 +28,11 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_nanovision import NanoVisionConfig, NanoVisionTextConfig
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch built without distributed
+    FSDPModule = ()
+
 try:  # nanovision installed: its Triton kernels can replace the eager ops (config.use_fused_kernels)
     from nanovision.kernels import apply_fused_kernels
 except ImportError:  # remote code without nanovision: eager path only
@@ -251,22 +256,41 @@ class NanoVisionDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        normed_hidden_states: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        next_norm: NanoVisionRMSNorm | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        residual = hidden_states
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the residual stream after this layer, `next_norm` of it or None without one).
+
+        `normed_hidden_states`: this layer's input norm of `hidden_states` when the layer before computed it, else
+        None. `next_norm`: the norm that the output goes through next (the next layer's input norm, or the model's
+        final norm); it runs here, on the last residual add, as one op.
+        """
+        if normed_hidden_states is None:
+            normed_hidden_states = self.input_layernorm(hidden_states)
         attn_output, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
+            normed_hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             **kwargs,
         )
         # residual + attention, then norm: one op so the fused kernel reads the stream once
-        hidden_states, residual = self.post_attention_layernorm(attn_output, residual)
-        return residual + self.mlp(hidden_states)
+        mlp_input, residual = self.post_attention_layernorm(attn_output, hidden_states)
+        mlp_output = self.mlp(mlp_input)
+        if next_norm is None:
+            return residual + mlp_output, None
+        normed, residual = next_norm(mlp_output, residual)
+        return residual, normed
+
+
+def _wrapped(layer: nn.Module) -> bool:
+    """Whether `layer` is wrapped (an FSDP unit, a checkpoint wrapper), so that its weights may be gathered only
+    inside its own forward."""
+    return isinstance(layer, FSDPModule) or not isinstance(layer, NanoVisionDecoderLayer)
 
 
 class NanoVisionPreTrainedModel(PreTrainedModel):
@@ -496,17 +520,28 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
         if self.config.embedding_norm:
             hidden_states = self.embedding_norm(hidden_states)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
+        layers = self.layers[: self.config.num_hidden_layers]
+        # Each layer runs the norm that its output goes through next (the next layer's input norm, the final norm
+        # after the last layer) together with its last residual add: one pass over the stream instead of two, and in
+        # the backward the stream's two gradients are summed in that pass too. Not where layers are wrapped.
+        share_norms = not any(_wrapped(layer) for layer in layers)
+        normed = None
+        for index, decoder_layer in enumerate(layers):
+            next_norm = None
+            if share_norms:
+                next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.norm
+            hidden_states, normed = decoder_layer(
                 hidden_states,
+                normed,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
+                next_norm=next_norm,
                 **kwargs,
             )
-        hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        last_hidden_state = self.norm(hidden_states) if normed is None else normed
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=past_key_values)
 
 
 def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

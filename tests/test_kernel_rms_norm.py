@@ -3,6 +3,7 @@ device and the tolerances)."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import (
     BF16,
     DTYPES,
@@ -26,6 +27,18 @@ from nanovision.kernels.ops.rms_norm import (  # noqa: E402
     rms_norm as tri_rms_norm,
     rms_norm_reference,
 )
+
+
+class AtenCalls(TorchDispatchMode):
+    """The names of the aten ops called inside the block (a Triton op's own launches are not among them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------- #
@@ -65,32 +78,32 @@ def _check_rms_norm(shape, dtype, with_weight, with_residual, out_dtype=None, gr
 def _check_norm(norm, reference, inputs, out_dtype=None, grad_tol=None):
     """norm(**inputs) against reference(**the float64 inputs): the output (and with a residual `r`, the sum), then
     the gradients of every input given (names: their keys) for random output / sum gradients."""
-    x, with_residual = inputs["x"], inputs["r"] is not None
-    dtype = x.dtype
+    x, r = inputs["x"], inputs["r"]
+    s_dtype = x.dtype if r is None else torch.promote_types(x.dtype, r.dtype)  # the sum's, as eager x + r
     out = norm(**inputs)
     inputs64 = {name: f64(t) if t is not None else None for name, t in inputs.items()}
     ref = reference(**inputs64)
-    if with_residual:
+    if r is not None:
         (y, s), (y_ref, s_ref) = out, ref
-        assert s.dtype == dtype
-        assert_close(s, s_ref, dtype, "sum")
+        assert s.dtype == s_dtype
+        assert_close(s, s_ref, s_dtype, "sum")
     else:
         y, y_ref = out, ref
-    y_dtype = out_dtype or dtype
+    y_dtype = out_dtype or s_dtype
     assert y.dtype == y_dtype and y.shape == x.shape
     assert_close(y, y_ref, y_dtype, "y")
 
     gy = rand(*x.shape, dtype=y_dtype)
     loss, loss_ref = (y * gy).sum(), (y_ref * gy.double()).sum()
-    if with_residual:
-        gs = rand(*x.shape, dtype=dtype)
+    if r is not None:
+        gs = rand(*x.shape, dtype=s_dtype)
         loss, loss_ref = loss + (s * gs).sum(), loss_ref + (s_ref * gs.double()).sum()
     names = [name for name, t in inputs.items() if t is not None]
     grads = torch.autograd.grad(loss, [inputs[name] for name in names])
     grads_ref = torch.autograd.grad(loss_ref, [inputs64[name] for name in names])
     for name, g, gr in zip(names, grads, grads_ref):
-        assert g.dtype == dtype
-        assert_close(g, gr, dtype, f"d{name}", grad_tol)
+        assert g.dtype == inputs[name].dtype
+        assert_close(g, gr, g.dtype, f"d{name}", grad_tol)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
@@ -190,6 +203,28 @@ def test_rms_norm_residual_only_sum_used(poison):
     torch.testing.assert_close(gx, torch.full_like(gx, 3.0))
     torch.testing.assert_close(gr, torch.full_like(gr, 3.0))
 
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+@pytest.mark.parametrize("narrow", ["x", "residual"])
+@pytest.mark.parametrize("narrow_dtype", [BF16, F16])
+def test_norm_of_a_narrow_branch_added_to_a_wide_stream(poison, norm, narrow, narrow_dtype):
+    """A bf16 / fp16 branch output added to an fp32 stream (autocast): the sum and output in fp32, and each input's
+    gradient in its own dtype, the narrow one written by the kernel itself (no cast of the fp32 gradient after it)."""
+    seed_case("narrow_branch", norm, narrow, narrow_dtype)
+    x = leaf(rand(33, 320, dtype=narrow_dtype if narrow == "x" else F32, scale=2.0, offset=0.5))
+    r = leaf(rand(33, 320, dtype=narrow_dtype if narrow == "residual" else F32))
+    w = leaf(rand(320, scale=0.3, offset=1.0))
+    if norm == "rms_norm":
+        _check_norm(lambda x, w, r: tri_rms_norm(x, w, 1e-6, r), lambda x, w, r: rms_norm_reference(x, w, 1e-6, r),
+                    dict(x=x, w=w, r=r))
+    else:
+        _check_norm(lambda x, w, r: tri_layer_norm(x, w, None, 1e-5, r),
+                    lambda x, w, r: layer_norm_reference(x, w, None, 1e-5, r), dict(x=x, w=w, r=r))
+    y, s = tri_rms_norm(x, w, 1e-6, r) if norm == "rms_norm" else tri_layer_norm(x, w, None, 1e-5, r)
+    with AtenCalls() as calls:
+        torch.autograd.grad(y.sum() + s.sum(), (x, r))
+    assert "aten._to_copy.default" not in calls.names, calls.names
 
 
 @pytest.mark.parametrize("with_weight", [True, False])

@@ -213,17 +213,76 @@ def test_bad_forward_inputs_name_the_argument(case):
 # ---------------------------------------------------------------- training features
 
 
-def test_gradient_checkpointing_gives_same_grads():
-    model = build("nanochat", attn="sdpa").train()
+@pytest.mark.parametrize("block", ["nanochat", "llama"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_same_grads(block, use_reentrant):
+    """Also through the next layer's input norm that each layer runs (and its weights, in Llama's block)."""
+    model = build(block, attn="sdpa").train()
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
     model(ids, labels=ids).loss.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert model.model.layers[0].gradient_checkpointing
     model(ids, labels=ids).loss.backward()
     for expected, param in zip(reference, model.parameters()):
         torch.testing.assert_close(param.grad, expected)
+
+
+def next_norms_given(model):
+    """Calls model and records the `next_norm` that each decoder layer was given."""
+    given = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args, kwargs: given.append(kwargs["next_norm"]),
+                                        with_kwargs=True)
+    return given
+
+
+def forward_and_grads(model, ids):
+    out = model(ids, labels=ids, output_hidden_states=True)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return out, grads
+
+
+@pytest.mark.parametrize("block", ["llama", "nanochat"])
+def test_each_layer_runs_the_next_input_norm_with_its_last_residual_add(monkeypatch, block):
+    """Layer i ends with layer i + 1's input norm (the final norm after the last layer) fused with its residual add;
+    the hidden states a user records, the logits and every gradient are those of the layers each norming their own
+    input (what wrapped layers do)."""
+    import nanovision.modeling_nanovision as modeling
+
+    model = build(block).train()
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(12))
+    given = next_norms_given(model)
+    shared, shared_grads = forward_and_grads(model, ids)
+    layers = model.model.layers
+    assert given == [layer.input_layernorm for layer in layers[1:]] + [model.model.norm]
+    given.clear()
+    monkeypatch.setattr(modeling, "_wrapped", lambda layer: True)
+    own, own_grads = forward_and_grads(model, ids)
+    assert given == [None] * len(layers)
+    assert len(shared.hidden_states) == len(layers) + 1
+    for a, b in zip(shared.hidden_states + (shared.logits,), own.hidden_states + (own.logits,)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_an_fsdp_unit_norms_its_own_input():
+    """FSDP gathers a unit's weights only inside that unit's forward: no layer borrows the norm of a layer that is
+    one (the class that torch's fully_shard gives it), and the outputs are the same."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = build("llama")
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(13))
+    expected = model(ids).logits
+    given = next_norms_given(model)
+    layer = model.model.layers[1]
+    layer.__class__ = type("FSDPNanoVisionDecoderLayer", (FSDPModule, type(layer)), {})
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert given == [None] * len(model.model.layers)
 
 
 def test_loss_uses_num_items_in_batch_and_logits_to_keep():

@@ -144,12 +144,14 @@ if HAS_TRITON:
         W,
         RSTD,
         DX, stride_dx,
+        DX2, stride_dx2,
         DW_PART, DB_PART,
         n_rows, n_cols, rows_per_prog,
         HAS_WEIGHT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         CENTER: tl.constexpr,
         HAS_DS_OUT: tl.constexpr,
+        HAS_DX2: tl.constexpr,
         FROM_OUTPUT: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -157,6 +159,7 @@ if HAS_TRITON:
         # writes one fp32 partial sum of the weight (and bias) gradient; the host sums the partials.
         # S: the norm's input s, or with FROM_OUTPUT its output y = n * w (n = s * rstd), stored in a dtype
         # narrower than s's, so n is y / w to y's precision (w floored as the forward floored it)
+        # DX2: the same gradient again in another dtype (an input narrower than s: the branch added to the stream)
         pid = tl.program_id(0).to(tl.int64)
         row_start = pid * rows_per_prog
         row_end = tl.minimum(row_start + rows_per_prog, n_rows)
@@ -202,6 +205,8 @@ if HAS_TRITON:
             if HAS_DS_OUT:
                 ds += tl.load(DSO + row * stride_dso + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + row * stride_dx + cols, ds.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DX2:
+                tl.store(DX2 + row * stride_dx2 + cols, ds.to(DX2.dtype.element_ty), mask=mask)
 
         if HAS_WEIGHT:
             tl.store(DW_PART + pid * n_cols + cols, dw_acc, mask=mask)
@@ -325,12 +330,13 @@ if HAS_TRITON:
         weight: Optional[torch.Tensor],
         rstd: torch.Tensor,
         s_dtype: torch.dtype,
+        second_dtype: Optional[torch.dtype],
         from_output: bool,
         center: bool,
         has_bias: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ds [rows, cols], dw, db; each empty without its parameter); saved: the norm's input s, or with
-        from_output its output y."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ds [rows, cols], ds in second_dtype, dw, db; each but ds empty without its dtype or parameter); saved:
+        the norm's input s, or with from_output its output y."""
         n_cols = saved.shape[-1]
         s2 = _as_rows(saved, n_cols)
         n_rows = s2.shape[0]
@@ -338,6 +344,7 @@ if HAS_TRITON:
         dy2 = _as_rows(dy, n_cols)
         dso2 = _as_rows(ds_out, n_cols) if ds_out is not None else unused_pointer(dy2).view(1, 1)
         ds = torch.empty((n_rows, n_cols), dtype=s_dtype, device=device)
+        ds2 = ds.new_empty((n_rows, n_cols) if second_dtype is not None else 0, dtype=second_dtype or s_dtype)
         dw = dy.new_empty(0) if weight is None else torch.zeros_like(weight)
         db = dy.new_zeros(n_cols, dtype=torch.float32) if has_bias else dy.new_empty(0)
         if n_rows > 0:
@@ -357,12 +364,14 @@ if HAS_TRITON:
                 weight.contiguous() if weight is not None else unused_pointer(s2),
                 rstd,
                 ds, ds.stride(0),
+                ds2 if second_dtype is not None else unused_pointer(ds).view(1, 1), ds2.stride(0),
                 dw_part, db_part,
                 n_rows, n_cols, rows_per_prog,
                 HAS_WEIGHT=weight is not None,
                 HAS_BIAS=has_bias,
                 CENTER=center,
                 HAS_DS_OUT=ds_out is not None,
+                HAS_DX2=second_dtype is not None,
                 FROM_OUTPUT=from_output,
                 BLOCK_N=block_n,
                 num_warps=num_warps,
@@ -371,7 +380,7 @@ if HAS_TRITON:
                 dw = dw_part.sum(0).to(weight.dtype)
             if has_bias:
                 db = db_part.sum(0)
-        return ds, dw, db
+        return ds, ds2, dw, db
 
 
 def _setup_context(ctx, inputs, output):
@@ -390,16 +399,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, ds_out, _):
     saved, weight, rstd = ctx.saved_tensors
     has_residual, has_bias = ctx.r_shape is not None, ctx.bias_dtype is not None
-    ds, dw, db = _norm_backward_op(dy, saved, ds_out if has_residual else None, weight, rstd, ctx.s_dtype,
-                                   ctx.keep_output, ctx.center, has_bias)
-    ds = ds.view(ctx.x_shape)
-    dres = None
-    if has_residual:
-        dres = ds.to(ctx.r_dtype)
-        if ctx.r_shape != ctx.x_shape:  # broadcast residual
-            dres = dres.sum_to_size(ctx.r_shape)
-    return (ds.to(ctx.x_dtype), dw if weight is not None else None, db.to(ctx.bias_dtype) if has_bias else None,
-            dres, None, None, None, None)
+    # x's and the residual's gradient is ds in their own dtypes; the kernel also writes it in the one that differs
+    # from s's (the branch output added to an fp32 stream under autocast) instead of a cast reading ds again
+    second_dtype = next((d for d in (ctx.x_dtype, ctx.r_dtype) if d is not None and d != ctx.s_dtype), None)
+    ds, ds2, dw, db = _norm_backward_op(dy, saved, ds_out if has_residual else None, weight, rstd, ctx.s_dtype,
+                                        second_dtype, ctx.keep_output, ctx.center, has_bias)
+
+    def grad_as(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        grad = (ds2 if dtype == second_dtype else ds.to(dtype)).view(ctx.x_shape)
+        return grad if shape == ctx.x_shape else grad.sum_to_size(shape)  # a broadcast residual
+
+    dres = grad_as(ctx.r_dtype, ctx.r_shape) if has_residual else None
+    return (grad_as(ctx.x_dtype, ctx.x_shape), dw if weight is not None else None,
+            db.to(ctx.bias_dtype) if has_bias else None, dres, None, None, None, None)
 
 
 if HAS_TRITON:
