@@ -76,7 +76,8 @@ class NanoVisionTextConfig(PreTrainedConfig):
             fused kernels (nanovision.kernels.apply_fused_kernels): "rms_norm" (the norms), "swiglu" (the MLP's
             activation and down projection, swiglu or relu2), "rope" (the rotary embedding, q/k/v as one GEMM),
             "linear_cross_entropy" (the head and the training loss without logits) and "layer_norm" (the vision
-            tower's and connector's LayerNorms, each tower layer's second residual add inside its norm).
+            tower's and connector's LayerNorms, each tower layer's second residual add inside its norm, and its q/k/v
+            as one GEMM).
     """
 
     model_type = "nanovision_text"

@@ -10,7 +10,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 pytest.importorskip("triton")
 from nanovision.kernels import apply_fused_kernels, kernel_backends  # noqa: E402
-from nanovision.kernels.layers import FusedSiglipEncoderLayer  # noqa: E402
+from nanovision.kernels.layers import FusedSiglipAttention, FusedSiglipEncoderLayer  # noqa: E402
 
 BLOCKS = {
     "llama": dict(),
@@ -95,12 +95,13 @@ def vlm_pixels():
 
 
 def test_fused_vlm_matches_eager():
-    """Every op, the vision tower's LayerNorms and its layers' fused residual adds included: the loss and every
-    parameter's gradient."""
+    """Every op, the vision tower's LayerNorms, its layers' fused residual adds and q/k/v GEMMs included: the loss
+    and every parameter's gradient."""
     eager, fused = vlm_pair()
     assert fused.fused_kernel_ops == ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "layer_norm")
     tower_layers = encoder_layers(fused.model.vision_tower)
     assert tower_layers and all(isinstance(layer, FusedSiglipEncoderLayer) for layer in tower_layers)
+    assert all(type(layer.self_attn) is FusedSiglipAttention for layer in tower_layers)
     assert tower_layers[0].layer_norm1.autocast_output and tower_layers[0].layer_norm2.autocast_output
     assert "LayerNorm" not in {type(m).__name__ for m in fused.modules()}
     expected = eager(VLM_IDS, pixel_values=vlm_pixels(), labels=VLM_IDS)
@@ -114,16 +115,18 @@ def test_fused_vlm_matches_eager():
 
 
 def test_fused_vision_tower_records_hidden_states_and_autocasts_like_torch():
-    """The fused tower layers still count as SiglipEncoderLayer for transformers' output recording; under bf16
-    autocast the stream stays fp32, the norms feeding projections write bf16, and the loss matches the eager
-    model's."""
+    """The fused tower layers and attentions still count as SiglipEncoderLayer and SiglipAttention for transformers'
+    output recording; under bf16 autocast the stream stays fp32, the norms feeding projections write bf16, and the
+    loss matches the eager model's."""
     eager, fused = vlm_pair()
     tower, eager_tower = fused.model.vision_tower, eager.model.vision_tower
+    tower.set_attn_implementation("eager"), eager_tower.set_attn_implementation("eager")
     with torch.no_grad():
-        got = tower(vlm_pixels(), output_hidden_states=True).hidden_states
-        want = eager_tower(vlm_pixels(), output_hidden_states=True).hidden_states
-    assert len(got) == len(want) == len(encoder_layers(tower)) + 1
-    for a, b in zip(got, want):
+        got = tower(vlm_pixels(), output_hidden_states=True, output_attentions=True)
+        want = eager_tower(vlm_pixels(), output_hidden_states=True, output_attentions=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == len(encoder_layers(tower)) + 1
+    assert len(got.attentions) == len(want.attentions) == len(encoder_layers(tower))
+    for a, b in zip(got.hidden_states + got.attentions, want.hidden_states + want.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     dtypes = []
     layer = encoder_layers(tower)[0]

@@ -12,7 +12,8 @@
                        NanoVisionForConditionalGeneration -> linear_cross_entropy = fused_linear_cross_entropy
   layer_norm           nn.LayerNorm (over the last dim)  -> FusedLayerNorm (same weight / bias Parameters);
                        SiglipEncoderLayer               -> FusedSiglipEncoderLayer (a subclass, set in place: its second
-                                                           residual add runs inside layer_norm2)
+                                                           residual add runs inside layer_norm2), and its
+                                                           SiglipAttention -> FusedSiglipAttention (q/k/v as one GEMM)
 nanovision's modules are matched by class name so remote-code copies of the classes work too.
 Parameter names / state_dict keys are unchanged.
 """
@@ -22,7 +23,8 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipEncoderLayer, eager_attention_forward
 
 from ..configuration_nanovision import FUSED_KERNEL_OPS
 from . import dispatch
@@ -156,6 +158,22 @@ class FusedSiglipEncoderLayer(SiglipEncoderLayer):
             hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
         hidden_states, residual = self.layer_norm2(hidden_states, residual)
         return residual + self.mlp(hidden_states)
+
+
+class FusedSiglipAttention(SiglipAttention):
+    """SiglipAttention with its q/k/v projections as one GEMM (`fused_qkv`). Set as the class of an existing module,
+    like FusedSiglipEncoderLayer."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        queries, keys, values = (t.view(hidden_shape).transpose(1, 2) for t in fused_qkv(self, hidden_states))
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                    eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, queries, keys, values, attention_mask, is_causal=self.is_causal, scaling=self.scale,
+            dropout=0.0 if not self.training else self.dropout)
+        return self.out_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
 
 def _is_plain_layer_norm(module: nn.Module) -> bool:
@@ -324,6 +342,8 @@ def apply_fused_kernels(model: nn.Module, ops: Optional[Iterable[str]] = None) -
         if ("layer_norm" in counts and type(module) is SiglipEncoderLayer
                 and isinstance(module.layer_norm2, FusedLayerNorm)):
             module.__class__ = FusedSiglipEncoderLayer
+            if type(module.self_attn) is SiglipAttention:
+                module.self_attn.__class__ = FusedSiglipAttention
 
     previous = tuple(getattr(model, "fused_kernel_ops", ()) or ())
     model.fused_kernel_ops = tuple(o for o in FUSED_KERNEL_OPS if o in previous or counts.get(o, 0) > 0)
