@@ -295,7 +295,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=1,
                         help="time each configuration's variants this many times in turn, all of them alive at once "
                              "(compiled once); the step is the median round, the speed ratio the median of the "
-                             "rounds' ratios")
+                             "rounds' ratios. Llava's step drifts slower with a third compiled variant alive: take "
+                             "ratios from runs of two variants (RESULTS.md, 2026-12-04)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for a quick check")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many steps (top kernels) and time the eager parts of a step")
