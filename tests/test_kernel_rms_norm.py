@@ -227,6 +227,19 @@ def test_norm_of_a_narrow_branch_added_to_a_wide_stream(poison, norm, narrow, na
     assert "aten._to_copy.default" not in calls.names, calls.names
 
 
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_norm_of_no_rows_gives_zero_parameter_gradients(poison, norm):
+    """An empty batch launches no kernel: the outputs are empty and the weight / bias gradients zero."""
+    x, r, w, b = leaf(rand(0, 64)), leaf(rand(0, 64)), leaf(rand(64)), leaf(rand(64))
+    y, s = tri_rms_norm(x, w, 1e-6, r) if norm == "rms_norm" else tri_layer_norm(x, w, b, 1e-5, r)
+    assert y.shape == s.shape == (0, 64)
+    params = (w,) if norm == "rms_norm" else (w, b)
+    grads = torch.autograd.grad(y.sum() + s.sum(), (x, r, *params))
+    assert [tuple(g.shape) for g in grads[:2]] == [(0, 64), (0, 64)]
+    for g in grads[2:]:
+        assert g.shape == (64,) and not g.any()
+
+
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_rms_norm_forward_passes_the_input_once(monkeypatch, with_weight):
     """Only the X argument of the forward kernel points at x: torch.compile copies a tensor once for every Triton

@@ -230,7 +230,7 @@ def test_gradient_checkpointing_gives_same_grads(block, use_reentrant):
 
 
 def next_norms_given(model):
-    """Calls model and records the `next_norm` that each decoder layer was given."""
+    """A list that records, on each later call of `model`, the `next_norm` that each decoder layer is given."""
     given = []
     for layer in model.model.layers:
         layer.register_forward_pre_hook(lambda module, args, kwargs: given.append(kwargs["next_norm"]),

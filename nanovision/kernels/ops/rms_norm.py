@@ -345,9 +345,10 @@ if HAS_TRITON:
         dso2 = _as_rows(ds_out, n_cols) if ds_out is not None else unused_pointer(dy2).view(1, 1)
         ds = torch.empty((n_rows, n_cols), dtype=s_dtype, device=device)
         ds2 = ds.new_empty((n_rows, n_cols) if second_dtype is not None else 0, dtype=second_dtype or s_dtype)
-        dw = dy.new_empty(0) if weight is None else torch.zeros_like(weight)
-        db = dy.new_zeros(n_cols, dtype=torch.float32) if has_bias else dy.new_empty(0)
-        if n_rows > 0:
+        if n_rows == 0:  # no rows: zero parameter gradients
+            dw = dy.new_empty(0) if weight is None else torch.zeros_like(weight)
+            db = dy.new_zeros(n_cols, dtype=torch.float32) if has_bias else dy.new_empty(0)
+        else:
             block_n, num_warps, progs_per_sm = _bwd_config(n_cols)
             rows_per_prog = triton.cdiv(n_rows, min(n_rows, _sm_count(device) * progs_per_sm))
             n_prog = triton.cdiv(n_rows, rows_per_prog)
@@ -376,10 +377,8 @@ if HAS_TRITON:
                 BLOCK_N=block_n,
                 num_warps=num_warps,
             )
-            if weight is not None:
-                dw = dw_part.sum(0).to(weight.dtype)
-            if has_bias:
-                db = db_part.sum(0)
+            dw = dw_part.sum(0).to(weight.dtype) if weight is not None else dy.new_empty(0)
+            db = db_part.sum(0) if has_bias else dy.new_empty(0)
         return ds, ds2, dw, db
 
 
