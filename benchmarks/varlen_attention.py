@@ -1,7 +1,7 @@
 """Packed (varlen) attention on one GPU: nanovision's Triton kernels against dense causal cuDNN attention over the same
-rows, in one run, the other packed kernels at hand (torch's varlen_attn and, where `flash-attn-4` is installed, its
-varlen function, each checked against nanovision's output and gradients), and with --sweep a sweep of the Triton
-kernels' launch configs (tile sizes, warps, pipeline stages).
+rows, in one run, the other packed kernels at hand (torch's varlen_attn and, where `flash-attn-4` or `flash-attn` (2)
+is installed, its varlen function, each checked against nanovision's output and gradients), and with --sweep a sweep
+of the Triton kernels' launch configs (tile sizes, warps, pipeline stages).
 
 Shape: the d20 attention (10 query heads, 5 KV heads, head dim 128, bf16), 8 rows of 2048 tokens best-fit packed with
 log-normal documents (mean ~600), as in benchmarks/train_step.py, and the same rows as one document each. Figures are
@@ -12,6 +12,8 @@ causal triangle.
 """
 
 import argparse
+import functools
+import importlib
 import json
 import time
 from itertools import product
@@ -145,14 +147,15 @@ def measure(rows, sweep_configs, quick):
 
     # other packed-attention kernels over the same tokens, through autograd (forward, then backward of that output)
     others = {"torch varlen_attn (flash)": lambda q, k, v: torch_varlen(q, k, v, cu_seqlens, longest)}
-    try:
-        from flash_attn.cute import flash_attn_varlen_func
-
-        others["flash-attn-4 varlen"] = lambda q, k, v: flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=longest, max_seqlen_k=longest,
-            causal=True)
-    except ImportError:
-        print("flash-attn-4 is not installed: its row is left out")
+    # flash-attn-4 installs flash_attn.cute; flash-attn (2) the top-level flash_attn
+    for name, module in (("flash-attn-4 varlen", "flash_attn.cute"), ("flash-attn-2 varlen", "flash_attn")):
+        try:
+            varlen_func = importlib.import_module(module).flash_attn_varlen_func
+        except (ImportError, AttributeError):
+            print(f"{module}.flash_attn_varlen_func is not installed: the {name} row is left out")
+            continue
+        others[name] = functools.partial(varlen_func, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                         max_seqlen_q=longest, max_seqlen_k=longest, causal=True)
     for name, fn in others.items():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         call = lambda: (lambda out: out[0] if isinstance(out, tuple) else out)(fn(*leaves))  # noqa: E731
