@@ -453,6 +453,69 @@ def padded_documents_mask(config: NanoVisionTextConfig, position_ids: torch.Tens
     return packed_sequence_mask_function(documents)
 
 
+PACKED_ROWS_RULE = ("a packed row's documents start at its first token and wherever position_ids restart at 0, and "
+                    "count up by one inside each document (as PackedDataCollator builds them)")
+
+
+def check_packed_rows(config: NanoVisionTextConfig, position_ids: torch.Tensor, attention_mask, kwargs: dict) -> None:
+    """Each attention implementation finds a packed row's documents its own way: sdpa, eager and flex_attention from
+    the steps of position_ids, nanovision_varlen from its restarts at 0, flash attention from the `cu_seq_lens_q`
+    kwargs or, for one row, from the positions equal to the row's smallest. Rows that follow PACKED_ROWS_RULE mean
+    the same documents to all of them; anything else would attend across documents (or drop tokens) on some
+    backend without a word, so it is refused. `position_ids` [B, T] as the layers get them, no cache behind them."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        return  # the padding mask decides what is a token; padded_documents_mask checks its rows
+    implementation = config._attn_implementation
+    bounds = kwargs.get("cu_seq_lens_q")
+    if not (implementation.startswith("flash") or implementation == "nanovision_varlen"):
+        bounds = None  # the mask comes from position_ids alone
+    fix = "build them from position_ids (PackedDataCollator(return_flash_attn_kwargs=True))"
+    if bounds is not None:
+        for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+            if kwargs.get(name) is None:
+                raise ValueError(f"cu_seq_lens_q is given but {name} is not: pass all four; {fix}.")
+        if not isinstance(bounds, torch.Tensor) or bounds.ndim != 1 or bounds.numel() < 2 or (
+                bounds.dtype.is_floating_point or bounds.dtype == torch.bool):
+            raise ValueError(f"cu_seq_lens_q must be a 1-D integer tensor [num_documents + 1]; {fix}.")
+        if bounds.device != position_ids.device:
+            raise ValueError(f"cu_seq_lens_q is on {bounds.device}, the inputs on {position_ids.device}; {fix}.")
+        for name in ("max_length_q", "max_length_k"):
+            if isinstance(kwargs[name], bool) or not isinstance(kwargs[name], (int, torch.SymInt)):
+                raise ValueError(f"{name} must be an int (the longest document), got {type(kwargs[name]).__name__}; "
+                                 f"{fix}.")
+        if not isinstance(kwargs["cu_seq_lens_k"], torch.Tensor) or kwargs["cu_seq_lens_k"].shape != bounds.shape:
+            raise ValueError(f"cu_seq_lens_k must equal cu_seq_lens_q (self-attention over the same documents); {fix}.")
+    if torch.compiler.is_compiling():
+        return  # check_values is a no-op there: build none of its conditions
+
+    batch, length = position_ids.shape
+    step, restart = position_ids[:, 1:] == position_ids[:, :-1] + 1, position_ids[:, 1:] == 0
+    check_values((step | restart).all(), f"position_ids jump inside a row: {PACKED_ROWS_RULE}")
+    if bounds is None:
+        if implementation.startswith("flash"):
+            # transformers reads documents off position_ids only for a single row, and there from its smallest value
+            check_values(
+                ~restart.any() if batch > 1 else ~restart.any() | (position_ids[0, 0] == 0),
+                f"attn_implementation={implementation!r} sees the documents of several packed rows only through "
+                "cu_seq_lens_q / cu_seq_lens_k and max_length_q / max_length_k: pass them "
+                "(PackedDataCollator(return_flash_attn_kwargs=True)), or one row starting at position 0, or use "
+                "nanovision_varlen, sdpa or flex_attention",
+            )
+        return
+    lengths = bounds[1:] - bounds[:-1]
+    # where documents start by the bounds, over the flattened B * T tokens (a bound out of range lands on the end)
+    marked = torch.zeros(batch * length + 1, dtype=torch.bool, device=position_ids.device)
+    marked[bounds[:-1].long().clamp(0, batch * length)] = True
+    starts = F.pad(restart, (1, 0), value=True).reshape(-1)  # each row's first token and its restarts at 0
+    check_values(
+        (bounds[0] == 0) & (bounds[-1] == batch * length) & (lengths > 0).all()
+        & (lengths.amax() <= min(kwargs["max_length_q"], kwargs["max_length_k"]))
+        & (kwargs["cu_seq_lens_k"].to(bounds.device) == bounds).all() & (marked[:-1] == starts).all() & ~marked[-1],
+        f"cu_seq_lens_q / max_length_q do not describe the documents of position_ids ({batch} x {length} tokens; "
+        f"{PACKED_ROWS_RULE}, max_length_q at least the longest); {fix}",
+    )
+
+
 class NanoVisionTextModel(NanoVisionPreTrainedModel):
     def __init__(self, config: NanoVisionTextConfig):
         super().__init__(config)
@@ -505,6 +568,8 @@ class NanoVisionTextModel(NanoVisionPreTrainedModel):
             past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
+        if past_for_mask is None:
+            check_packed_rows(self.config, position_ids.expand(inputs_embeds.shape[0], -1), attention_mask, kwargs)
 
         # Packed rows get a block-diagonal causal mask here; flash_attention_2 instead needs the cu_seq_lens kwargs
         # (PackedDataCollator(return_flash_attn_kwargs=True)) for batches of more than one row.

@@ -462,3 +462,75 @@ def test_flash_attention_with_several_rows_uses_the_collators_cu_seqlens(monkeyp
               num_items_in_batch=torch.tensor(total)).loss.backward()
     for packed_grad, param in zip(packed_grads, model.parameters()):
         torch.testing.assert_close(packed_grad, param.grad, atol=1e-5, rtol=1e-4)
+
+
+def packed_lm(attn, monkeypatch):
+    """A tiny LM on `attn`; flash attention emulated on the CPU."""
+    if attn.startswith("flash"):
+        emulated_flash_attention(monkeypatch)
+        model = tiny_lm("sdpa")
+        model.config._attn_implementation = attn  # the kernels are emulated: skip the install check
+        return model
+    return tiny_lm(attn)
+
+
+def test_flash_attention_refuses_packed_rows_it_would_attend_across(monkeypatch):
+    """Without cu_seq_lens, transformers' flash path reads documents off position_ids for one row only (from its
+    smallest position): several packed rows, or one whose first document does not start at 0, would attend across
+    documents or drop tokens."""
+    model = packed_lm("flash_attention_2", monkeypatch)
+    batch = packed_batch(lm_examples(seed=11), "fly", pad_token_id=3)
+    assert batch["input_ids"].shape[0] > 1
+    with pytest.raises(ValueError, match="return_flash_attn_kwargs"):
+        model(**batch)
+    row = dict(input_ids=batch["input_ids"][:1, :12], position_ids=torch.tensor([[3, 4, 5, 6, 0, 1, 2, 3, 0, 1, 2, 3]]))
+    with pytest.raises(ValueError, match="one row starting at position 0"):
+        model(**row)
+    row["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2]])  # one row, packed: transformers' case
+    model(**row)
+    rows = dict(input_ids=batch["input_ids"][:, :8], position_ids=torch.arange(5, 13).expand(len(batch["input_ids"]), 8))
+    model(**rows)  # several rows of one document each (a continuation may start past 0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "nanovision_varlen", "flash_attention_2"])
+def test_position_ids_that_jump_inside_a_row_are_refused(attn, monkeypatch):
+    """sdpa would start a document at the jump, nanovision_varlen only at a restart to 0: the row means different
+    documents to different backends."""
+    model = packed_lm(attn, monkeypatch)
+    ids = torch.arange(8)[None] + 5
+    with pytest.raises(ValueError, match="position_ids jump inside a row"):
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 6, 7, 0, 1, 2]]))
+    model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]]))
+
+
+def corrupt_bounds(batch, case):
+    bounds = batch["cu_seq_lens_q"]
+    if case == "a document split in two":
+        bounds = torch.cat([bounds[:1], bounds[:2].sum(0, keepdim=True) // 2, bounds[1:]])
+    elif case == "two documents merged":
+        bounds = torch.cat([bounds[:1], bounds[2:]])
+    elif case == "fewer tokens than the batch":
+        bounds = torch.cat([bounds[:-1], bounds[-1:] - 1])
+    elif case == "max_length_q short":
+        return {**batch, "max_length_q": batch["max_length_q"] - 1}
+    elif case == "cu_seq_lens_k differs":
+        return {**batch, "cu_seq_lens_k": torch.cat([bounds[:1], bounds[2:], bounds[-1:]])}
+    elif case == "max_length_k missing":
+        return {k: v for k, v in batch.items() if k != "max_length_k"}
+    elif case == "float bounds":
+        bounds = bounds.float()
+    return {**batch, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
+
+
+@pytest.mark.parametrize("case", ["a document split in two", "two documents merged", "fewer tokens than the batch",
+                                  "max_length_q short", "cu_seq_lens_k differs", "max_length_k missing",
+                                  "float bounds"])
+@pytest.mark.parametrize("attn", ["nanovision_varlen", "flash_attention_2"])
+def test_cu_seqlens_that_disagree_with_position_ids_are_refused(attn, case, monkeypatch):
+    """The collator's kwargs pass; bounds that split, merge or miss position_ids' documents (or a max_length that
+    would leave tokens uncomputed) raise instead of attending to the wrong tokens."""
+    model = packed_lm(attn, monkeypatch)
+    batch = packed_batch(lm_examples(seed=11), "fly", pad_token_id=3, return_flash_attn_kwargs=True)
+    model(**batch)
+    with pytest.raises(ValueError, match="cu_seq_lens|max_length"):
+        model(**corrupt_bounds(batch, case))
