@@ -453,6 +453,8 @@ def padded_documents_mask(config: NanoVisionTextConfig, position_ids: torch.Tens
     return packed_sequence_mask_function(documents)
 
 
+# the attention implementations whose packed rows check_packed_rows knows (and flash_attention_*)
+PACKING_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "nanovision_varlen")
 PACKED_ROWS_RULE = ("a packed row's documents start at its first token and wherever position_ids restart at 0, and "
                     "count up by one inside each document (as PackedDataCollator builds them)")
 
@@ -463,9 +465,11 @@ def check_packed_rows(config: NanoVisionTextConfig, position_ids: torch.Tensor, 
     kwargs or, for one row, from the positions equal to the row's smallest. Rows that follow PACKED_ROWS_RULE mean
     the same documents to all of them; anything else would attend across documents (or drop tokens) on some
     backend without a word, so it is refused. `position_ids` [B, T] as the layers get them, no cache behind them."""
+    implementation = config._attn_implementation
+    if implementation not in PACKING_IMPLEMENTATIONS and not implementation.startswith("flash"):
+        return  # a serving engine's own attention (vLLM's, paged) lays out its sequences its own way
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         return  # the padding mask decides what is a token; padded_documents_mask checks its rows
-    implementation = config._attn_implementation
     bounds = kwargs.get("cu_seq_lens_q")
     if not (implementation.startswith("flash") or implementation == "nanovision_varlen"):
         bounds = None  # the mask comes from position_ids alone

@@ -503,6 +503,20 @@ def test_position_ids_that_jump_inside_a_row_are_refused(attn, monkeypatch):
     model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]]))
 
 
+def test_an_engines_own_attention_gets_its_flattened_sequences_unchecked():
+    """A serving engine (vLLM's Transformers backend) registers its own attention and flattens its sequences into
+    one row, each at its own position: positions that jump are its layout, not a packing mistake."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("engine_attention", sdpa_attention_forward)
+    AttentionMaskInterface.register("engine_attention", sdpa_mask)
+    model = tiny_lm("sdpa")
+    model.config._attn_implementation = "engine_attention"
+    model(input_ids=torch.arange(4)[None] + 5, position_ids=torch.tensor([[37, 12, 50, 3]]))
+
+
 def corrupt_bounds(batch, case):
     bounds = batch["cu_seq_lens_q"]
     if case == "a document split in two":
