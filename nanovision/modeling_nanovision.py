@@ -426,12 +426,17 @@ def check_pixel_values(pixel_values: torch.Tensor, vision_config: SiglipVisionCo
         )
 
 
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where a document starts, per row of `position_ids` [B, T] (bool): at the row's first token and wherever the
+    position does not follow the previous one (transformers' rule for packed rows)."""
+    previous = torch.cat([position_ids[:, :1], position_ids[:, :-1]], dim=-1)  # the first token follows no token
+    return position_ids != previous + 1
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Index of the document each token belongs to, per row of `position_ids` [B, T]: a document starts wherever
-    the position does not follow the previous one (transformers' rule for packed rows; its own helper also asks
-    the device whether any row is packed at all, a synchronisation this avoids)."""
-    previous = torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], dim=-1)
-    return (position_ids != previous + 1).cumsum(-1)
+    """Index of the document each token belongs to, per row of `position_ids` [B, T] (transformers' own helper also
+    asks the device whether any row is packed at all, a synchronisation this avoids)."""
+    return document_starts(position_ids).cumsum(-1) - 1
 
 
 def padded_documents_mask(config: NanoVisionTextConfig, position_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -466,13 +471,13 @@ def check_packed_rows(config: NanoVisionTextConfig, position_ids: torch.Tensor, 
     the same documents to all of them; anything else would attend across documents (or drop tokens) on some
     backend without a word, so it is refused. `position_ids` [B, T] as the layers get them, no cache behind them."""
     implementation = config._attn_implementation
-    if implementation not in PACKING_IMPLEMENTATIONS and not implementation.startswith("flash"):
+    flash = implementation.startswith("flash")
+    if not flash and implementation not in PACKING_IMPLEMENTATIONS:
         return  # a serving engine's own attention (vLLM's, paged) lays out its sequences its own way
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         return  # the padding mask decides what is a token; padded_documents_mask checks its rows
-    bounds = kwargs.get("cu_seq_lens_q")
-    if not (implementation.startswith("flash") or implementation == "nanovision_varlen"):
-        bounds = None  # the mask comes from position_ids alone
+    # eager, sdpa and flex_attention take their mask from position_ids alone
+    bounds = kwargs.get("cu_seq_lens_q") if flash or implementation == "nanovision_varlen" else None
     fix = "build them from position_ids (PackedDataCollator(return_flash_attn_kwargs=True))"
     if bounds is not None:
         for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
@@ -493,13 +498,15 @@ def check_packed_rows(config: NanoVisionTextConfig, position_ids: torch.Tensor, 
         return  # check_values is a no-op there: build none of its conditions
 
     batch, length = position_ids.shape
-    step, restart = position_ids[:, 1:] == position_ids[:, :-1] + 1, position_ids[:, 1:] == 0
-    check_values((step | restart).all(), f"position_ids jump inside a row: {PACKED_ROWS_RULE}")
+    starts = document_starts(position_ids)
+    check_values((~starts[:, 1:] | (position_ids[:, 1:] == 0)).all(),
+                 f"position_ids jump inside a row: {PACKED_ROWS_RULE}")
     if bounds is None:
-        if implementation.startswith("flash"):
+        if flash:
             # transformers reads documents off position_ids only for a single row, and there from its smallest value
+            packed = starts[:, 1:].any()
             check_values(
-                ~restart.any() if batch > 1 else ~restart.any() | (position_ids[0, 0] == 0),
+                ~packed if batch > 1 else ~packed | (position_ids[0, 0] == 0),
                 f"attn_implementation={implementation!r} sees the documents of several packed rows only through "
                 "cu_seq_lens_q / cu_seq_lens_k and max_length_q / max_length_k: pass them "
                 "(PackedDataCollator(return_flash_attn_kwargs=True)), or one row starting at position 0, or use "
@@ -510,11 +517,11 @@ def check_packed_rows(config: NanoVisionTextConfig, position_ids: torch.Tensor, 
     # where documents start by the bounds, over the flattened B * T tokens (a bound out of range lands on the end)
     marked = torch.zeros(batch * length + 1, dtype=torch.bool, device=position_ids.device)
     marked[bounds[:-1].long().clamp(0, batch * length)] = True
-    starts = F.pad(restart, (1, 0), value=True).reshape(-1)  # each row's first token and its restarts at 0
     check_values(
         (bounds[0] == 0) & (bounds[-1] == batch * length) & (lengths > 0).all()
         & (lengths.amax() <= min(kwargs["max_length_q"], kwargs["max_length_k"]))
-        & (kwargs["cu_seq_lens_k"].to(bounds.device) == bounds).all() & (marked[:-1] == starts).all() & ~marked[-1],
+        & (kwargs["cu_seq_lens_k"].to(bounds.device) == bounds).all() & (marked[:-1] == starts.reshape(-1)).all()
+        & ~marked[-1],
         f"cu_seq_lens_q / max_length_q do not describe the documents of position_ids ({batch} x {length} tokens; "
         f"{PACKED_ROWS_RULE}, max_length_q at least the longest); {fix}",
     )

@@ -488,7 +488,8 @@ def test_flash_attention_refuses_packed_rows_it_would_attend_across(monkeypatch)
         model(**row)
     row["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2]])  # one row, packed: transformers' case
     model(**row)
-    rows = dict(input_ids=batch["input_ids"][:, :8], position_ids=torch.arange(5, 13).expand(len(batch["input_ids"]), 8))
+    rows = dict(input_ids=batch["input_ids"][:, :8],
+                position_ids=torch.arange(5, 13).expand(len(batch["input_ids"]), 8))
     model(**rows)  # several rows of one document each (a continuation may start past 0)
 
 

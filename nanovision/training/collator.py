@@ -85,10 +85,10 @@ class PackedDataCollator:
 
     flash_attention_2/3: transformers derives ``cu_seqlens`` from ``position_ids`` only for a batch of ONE row
     (``_is_packed_sequence`` checks ``batch_size == 1``); with several rows it would run plain causal attention
-    across the documents of each row, so nanovision's models refuse that batch. Set ``return_flash_attn_kwargs=True`` to add ``cu_seq_lens_q`` /
-    ``cu_seq_lens_k`` (int32 document boundaries over the flattened [B * L] tokens, padding documents included)
-    and ``max_length_q`` / ``max_length_k`` (ints), which transformers' flash path uses for any batch size; eager,
-    sdpa and flex_attention ignore them (they keep using ``position_ids``).
+    across the documents of each row, so nanovision's models refuse that batch. Set ``return_flash_attn_kwargs=True``
+    to add ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 document boundaries over the flattened [B * L] tokens,
+    padding documents included) and ``max_length_q`` / ``max_length_k`` (ints), which transformers' flash path uses
+    for any batch size; eager, sdpa and flex_attention ignore them (they keep using ``position_ids``).
     """
 
     pad_token_id: int = 0
