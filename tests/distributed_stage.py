@@ -3,12 +3,15 @@
     distributed_stage.py OUTPUT_DIR STAGE '{"StageArguments or NanoVisionTrainingArguments field": value, ...}'
 
 Besides `run_stage`'s output it writes OUTPUT_DIR/trained_logits.pt: fixed inputs and the logits of the model as
-trained (still wrapped by DDP/FSDP), for comparison with what `from_pretrained` makes of OUTPUT_DIR/final.
+trained (still wrapped by DDP/FSDP), for comparison with what `from_pretrained` makes of OUTPUT_DIR/final, and
+OUTPUT_DIR/exit-rank<R>.json: whether the process group was still alive as the process exited.
 """
 
+import atexit
 import json
 import os
 import sys
+from pathlib import Path
 
 import accelerate.state
 import torch
@@ -56,8 +59,20 @@ class SaveTrainedLogits(TrainerCallback):
             torch.save({"inputs": inputs, "logits": logits}, self.path)
 
 
+def record_process_group_at_exit(output_dir):
+    """Registered before run_stage's own exit handler, so it runs after it (atexit runs last-in first-out)."""
+    rank = os.environ.get("RANK", "0")
+
+    def record():
+        Path(output_dir, f"exit-rank{rank}.json").write_text(
+            json.dumps({"process_group_alive": torch.distributed.is_initialized()}))
+
+    atexit.register(record)
+
+
 if __name__ == "__main__":
     output_dir, stage, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     allow_fsdp_on_cpu()
+    record_process_group_at_exit(output_dir)
     run_stage(*argument_parser().parse_dict({"stage": stage, "output_dir": output_dir, **settings}),
               callbacks=[SaveTrainedLogits(f"{output_dir}/trained_logits.pt")])

@@ -1,12 +1,14 @@
 """The three training stages on the HF Trainer: `base` (text LM pretraining), `vision` (connector alignment on
 image-caption pairs, vision tower and LM frozen) and `sft` (multimodal chat SFT)."""
 
+import atexit
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -134,10 +136,20 @@ def log_data_use(args: StageArguments, num_examples: int, stats) -> None:
                "none dropped; %s%s", args.stage, num_examples, args.dataset, stats.summary(), fix)
 
 
+def release_process_group():
+    """Destroy the process group (a no-op in a single process): a process that exits with a gloo group alive can
+    abort with SIGABRT ("terminate called without an active exception") when interpreter shutdown frees the tensors
+    its worker threads still hold (pytorch/pytorch#190489), failing a run whose training and save succeeded."""
+    PartialState().destroy_process_group()
+
+
 def run_stage(args: StageArguments, training_args: NanoVisionTrainingArguments, callbacks=None) -> Path:
     """Train one stage and export `<output_dir>/final`: a `save_pretrained` folder with the tokenizer, the processor
     (vision stages), remote-code files, generation config and a model card. Returns that folder."""
     validate_arguments(args, training_args)
+    # at exit rather than on return: one process may run several stages (the quickstart does)
+    atexit.unregister(release_process_group)
+    atexit.register(release_process_group)
     torch.manual_seed(training_args.seed)
     if args.dataset == "builtin":
         dataset = builtin_dataset(args.stage, args.builtin_train_size, max(1, args.builtin_train_size // 10),
