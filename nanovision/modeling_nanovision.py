@@ -342,7 +342,9 @@ def check_values(condition: torch.Tensor, message: str, details: Callable[[], st
     if torch.compiler.is_compiling() or condition.device.type == "meta":
         return
     if condition.device.type != "cpu":
-        torch._assert_async(condition, message)
+        # CUDA refuses an assert message of 255 characters or more (even for a condition that holds); the start names
+        # the field, the CPU rerun gives the whole message
+        torch._assert_async(condition, message[:254])
     elif not condition:
         raise ValueError(message if details is None else f"{details()}: {message}")
 

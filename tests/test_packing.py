@@ -549,3 +549,23 @@ def test_cu_seqlens_that_disagree_with_position_ids_are_refused(attn, case, monk
     model(**batch)
     with pytest.raises(ValueError, match="cu_seq_lens|max_length"):
         model(**corrupt_bounds(batch, case))
+
+
+def test_checks_queued_on_an_accelerator_pass_a_message_cuda_accepts(monkeypatch):
+    """CUDA's torch._assert_async raises for a message of 255 characters or more, even where the condition holds (on
+    the H100 every eager packed batch with the flash kwargs failed on check_packed_rows' message). What is queued is
+    the message's start, which names the field."""
+    from unittest import mock
+
+    from nanovision.modeling_nanovision import check_values
+
+    def cuda_assert_async(condition, message):
+        if len(message) >= 255:
+            raise RuntimeError("Message length must be smaller than 255")
+        queued.append(message)
+
+    queued = []
+    monkeypatch.setattr(torch, "_assert_async", cuda_assert_async)
+    message = "cu_seq_lens_q / max_length_q do not describe the documents of position_ids; " * 5
+    check_values(mock.Mock(device=torch.device("cuda")), message)
+    assert queued == [message[:254]]
